@@ -1,0 +1,5 @@
+import sys
+
+from slimformer.cli import main
+
+sys.exit(main())
