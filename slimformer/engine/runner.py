@@ -1,0 +1,273 @@
+"""The sequential engine: one calibration loop for every method.
+
+Shape (learned from llm-compressor's sequential pipeline, without its global session):
+
+1. resolve every stage's targets on the model (names only: typos fail before any work);
+2. if any stage needs activations, capture the inputs of block 0 — run the model with a
+   forward pre-hook on block 0 that records ``(args, kwargs)`` (hidden states, attention mask,
+   position ids / rotary embeddings, ...) and raises, so only the embeddings run;
+3. for each block: materialise its weights (streaming), check them for NaN/inf, and for each
+   stage in recipe order — attach the observers the stage asks for to its target linears,
+   run the calibration batches through the block, detach, and let the stage compress the
+   block; then run the *compressed* block on the batches so the next block calibrates on the
+   inputs it will really see; finally hand the block to ``on_block_done`` (e.g. to write it
+   out and release it).
+
+Stages that need no activations (RTN) skip steps 2 and the forwards entirely.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from slimformer.engine.activations import ActivationCache
+from slimformer.engine.stage import BlockContext, StageConfig, StageMethod, method_of
+from slimformer.engine.targets import StagePlan, resolve
+from slimformer.errors import ConfigError, SlimformerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineOptions:
+    """How calibration runs (not what is computed: results do not depend on these).
+
+    ``batch_size``: calibration sequences per block forward. ``offload_dir``: when set,
+    activations between blocks are written there (one file per batch) instead of kept in RAM.
+    """
+
+    batch_size: int = 8
+    offload_dir: Optional[str | Path] = None
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"engine.batch_size: invalid value {self.batch_size!r}; allowed: integers >= 1")
+
+
+@dataclass
+class EngineResult:
+    plans: list[StagePlan]
+    blocks: int
+    calibrated: bool
+    seconds: float
+    # hidden states after the last block (only with keep_outputs=True; used by tests)
+    outputs: Optional[ActivationCache] = None
+    block_seconds: list[float] = field(default_factory=list)
+
+
+class _Captured(Exception):
+    """Raised from block 0's pre-hook to stop the forward once its inputs are recorded."""
+
+
+def _sanitize(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Drop KV caches (calibration is one full-sequence forward, never incremental)."""
+    from transformers.cache_utils import Cache
+
+    args = tuple(None if isinstance(a, Cache) else a for a in args)
+    kwargs = {k: (None if isinstance(v, Cache) else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def model_inputs(lm, batch: torch.Tensor) -> dict:
+    """Keyword inputs of the top model for one calibration batch of the model's kind."""
+    if batch.is_floating_point():
+        return {"pixel_values": batch}
+    if lm.arch.kind == "causal-lm":
+        return {"input_ids": batch, "use_cache": False}
+    return {"input_ids": batch, "attention_mask": torch.ones_like(batch)}
+
+
+def capture_block_inputs(lm, samples: torch.Tensor, batch_size: int,
+                         cache: ActivationCache) -> list[tuple[tuple, dict]]:
+    """Run the model up to block 0 for each batch of ``samples``; the hidden states go to
+    ``cache`` and the other block arguments are returned (one ``(args[1:], kwargs)`` per
+    batch, kept in memory: masks and rotary tables are small next to the hidden states)."""
+    model, arch = lm.model, lm.arch
+    block0 = arch.get_blocks(model)[0]
+    rest: list[tuple[tuple, dict]] = []
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict):
+        args, kwargs = _sanitize(args, kwargs)
+        if args:
+            hidden, args = args[0], args[1:]
+        else:
+            key = next(iter(kwargs))  # hidden states passed by keyword
+            hidden = kwargs.pop(key)
+            kwargs = {**kwargs, "_hidden_key": key}
+        cache.append(hidden)
+        rest.append((args, kwargs))
+        raise _Captured
+
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, samples.shape[0], batch_size):
+            try:
+                model(**model_inputs(lm, samples[start:start + batch_size]))
+            except _Captured:
+                continue
+            raise SlimformerError(f"block 0 of {arch.name} was never called during the forward")
+    finally:
+        handle.remove()
+    return rest
+
+
+def block_forward(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Call a block with captured arguments; returns the hidden states (first output)."""
+    if "_hidden_key" in kwargs:
+        kw = dict(kwargs)
+        kw[kw.pop("_hidden_key")] = hidden
+        out = block(*args, **kw)
+    else:
+        out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def check_finite(module: nn.Module, prefix: str) -> None:
+    """NaN/inf in a weight would silently poison scales; name the tensor instead."""
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            raise SlimformerError(f"tensor '{prefix}{name}' contains NaN or inf values")
+
+
+def plan_stages(lm, stages: Sequence[StageConfig]) -> list[tuple[StagePlan, StageMethod]]:
+    """Resolve every stage on the model (names only) — all validation before any work."""
+    out = []
+    block_path = lm.arch.block_path(lm.model)
+    for cfg in stages:
+        method = method_of(cfg)
+        plan = resolve(lm.model, lm.arch, cfg)
+        outside = [n for n in plan.modules if not n.startswith(block_path + ".")]
+        if outside and any(method.needs_calibration(plan.modules[n]) for n in outside):
+            raise ConfigError(f"{cfg.METHOD}.targets: {outside[0]!r} is outside the transformer blocks; "
+                              "calibrated methods support block linears only")
+        out.append((plan, method))
+    return out
+
+
+def run(lm, stages: Sequence[StageConfig], samples: Optional[torch.Tensor] = None,
+        options: Optional[EngineOptions] = None, source=None,
+        on_block_done: Optional[Callable[[int, str, nn.Module], None]] = None,
+        keep_outputs: bool = False) -> EngineResult:
+    """Apply ``stages`` to ``lm`` block by block (in place).
+
+    ``samples``: calibration inputs ([n, seq] token ids, or images for vision models); needed
+    only when a stage observes activations. ``source``: a
+    :class:`~slimformer.engine.streaming.SafetensorsSource` when the blocks are on ``meta``
+    and must be streamed in. ``on_block_done(i, name, block)`` is called after each block is
+    compressed (and its outputs propagated).
+    """
+    options = options or EngineOptions()
+    t0 = time.perf_counter()
+    torch.manual_seed(options.seed)
+    model, arch = lm.model, lm.arch
+    planned = plan_stages(lm, stages)
+    calibrate = any(_needs_calibration(p, m) for p, m in planned)
+    if (calibrate or keep_outputs) and samples is None:
+        names = [p.config.METHOD for p, m in planned if _needs_calibration(p, m)]
+        raise SlimformerError(f"stage(s) {', '.join(names) or 'engine'} need calibration samples")
+    blocks = arch.get_blocks(model)
+    block_path = arch.block_path(model)
+    propagate = calibrate or keep_outputs
+
+    states: Optional[ActivationCache] = None
+    rest: list[tuple[tuple, dict]] = []
+    result = EngineResult(plans=[p for p, _ in planned], blocks=len(blocks), calibrated=calibrate, seconds=0.0)
+    with torch.no_grad():
+        if propagate:
+            states = ActivationCache(options.offload_dir)
+            rest = capture_block_inputs(lm, samples, options.batch_size, states)
+            log.info("captured block-0 inputs: %d batches, %.1f MB", len(states), states.nbytes() / 2**20)
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(len(blocks)), desc="compress", unit="block", file=sys.stderr,
+                   disable=not options.progress, leave=False)
+        for i in bar:
+            tb = time.perf_counter()
+            name = f"{block_path}.{i}"
+            block = blocks[i]
+            if source is not None:
+                from slimformer.engine.streaming import materialize
+
+                materialize(block, name + ".", source)
+            check_finite(block, name + ".")
+            for plan, method in planned:
+                targets = plan.in_block(name)
+                if not targets:
+                    continue
+                ctx = BlockContext(index=i, name=name, block=block, arch=arch, config=model.config,
+                                   targets=targets)
+                if states is not None:
+                    ctx.forward_inputs = _batches(states, rest)
+                kinds = {rel: tuple(method.observers(c)) for rel, c in targets.items()}
+                if any(kinds.values()):
+                    ctx.stats = _calibrate(block, kinds, states, rest)
+                method.apply(ctx, plan.config)
+            if propagate:
+                nxt = ActivationCache(options.offload_dir)
+                for h, (a, kw) in zip(states, rest):
+                    nxt.append(block_forward(block, h, a, kw))
+                states.close()
+                states = nxt
+            if on_block_done is not None:
+                on_block_done(i, name, block)
+            result.block_seconds.append(time.perf_counter() - tb)
+        bar.close()
+
+        # targets outside the blocks (e.g. lm_head asked for by name): no calibration here
+        for plan, method in planned:
+            outside = {n: c for n, c in plan.modules.items() if not n.startswith(block_path + ".")}
+            if outside:
+                for n in outside:
+                    check_finite(model.get_submodule(n), n + ".")
+                ctx = BlockContext(index=-1, name="", block=model, arch=arch, config=model.config,
+                                   targets=outside)
+                method.apply(ctx, plan.config)
+
+    if keep_outputs:
+        result.outputs = states
+    elif states is not None:
+        states.close()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _needs_calibration(plan: StagePlan, method: StageMethod) -> bool:
+    """Per module: an override may switch one layer to a calibrated variant."""
+    return any(method.needs_calibration(c) for c in plan.modules.values())
+
+
+def _batches(states: ActivationCache, rest: list[tuple[tuple, dict]]):
+    def gen():
+        for h, (a, kw) in zip(states, rest):
+            if "_hidden_key" in kw:
+                kw = dict(kw)
+                kw[kw.pop("_hidden_key")] = h
+                yield a, kw
+            else:
+                yield (h, *a), kw
+
+    return gen
+
+
+def _calibrate(block: nn.Module, kinds: dict[str, tuple[str, ...]], states: ActivationCache,
+               rest: list[tuple[tuple, dict]]) -> dict[str, dict]:
+    """Run every batch through ``block`` with observers on the target linears."""
+    from slimformer.observers import attach
+
+    mods = {rel: block.get_submodule(rel) for rel in kinds}
+    with attach(mods, kinds) as obs:
+        for h, (a, kw) in zip(states, rest):
+            block_forward(block, h, a, kw)
+        return obs.results()

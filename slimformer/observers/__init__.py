@@ -1,0 +1,204 @@
+"""One statistics layer for every calibration method.
+
+Every method that looks at activations needs some statistic of a linear layer's *input*
+``X`` (shape ``[batch, seq, in]`` or ``[tokens, in]``):
+
+============== ============================================ ===============================
+observer       statistic                                    used by
+============== ============================================ ===============================
+``hessian``    ``H = 2 XᵀX / n`` (n = tokens seen)          GPTQ, SparseGPT, whitened SVD
+``channel_norm`` ``‖X_j‖₂`` over all tokens                 Wanda, AWQ, SmoothQuant
+``abs_mean``   ``mean |X_j|`` over tokens                   AWQ
+``minmax``     per-channel min and max over tokens          static activation scales
+============== ============================================ ===============================
+
+The two things every copy of these accumulators gets subtly different — flattening the
+leading dims into tokens and accumulating in fp32 — live once in :meth:`Observer.observe`.
+The Hessian is a running *mean* (each update rescales the old sum), so the number of
+calibration samples or the batch split changes neither its scale nor (beyond rounding) its
+value: GPTQ's damping ``λ·mean(diag H)`` then means the same thing for any calibration size.
+
+Observers are attached to modules with forward pre-hooks by :func:`attach` and must be
+removed after (``with attach(...) as obs:``); nothing is stored on the modules.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from slimformer.errors import SlimformerError
+
+
+def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``[..., in]`` -> ``[tokens, in]`` in fp32 (a copy only when the dtype changes)."""
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    return x.reshape(-1, x.shape[-1]).to(torch.float32)
+
+
+class Observer:
+    """Accumulates one statistic over the inputs it is shown. Subclasses implement
+    :meth:`_update` on ``[tokens, in]`` fp32 and :meth:`result`."""
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self) -> None:
+        self.tokens = 0  # number of rows (tokens) seen so far
+
+    def observe(self, x: torch.Tensor) -> None:
+        x2 = flatten_tokens(x.detach())
+        if x2.shape[0] == 0:
+            return
+        self._update(x2)
+        self.tokens += x2.shape[0]
+
+    def _update(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def result(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_seen(self) -> None:
+        if self.tokens == 0:
+            raise SlimformerError(f"observer '{self.name}' saw no inputs (was calibration run?)")
+
+
+class HessianObserver(Observer):
+    """``H = 2/n Σ_t x_t x_tᵀ`` as a running mean: ``H ← H·n/(n+m) + 2/(n+m)·XᵀX``."""
+
+    name = "hessian"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.H: Optional[torch.Tensor] = None
+
+    def _update(self, x: torch.Tensor) -> None:
+        n, m = self.tokens, x.shape[0]
+        if self.H is None:
+            self.H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
+        self.H.mul_(n / (n + m))
+        xs = x * (2.0 / (n + m)) ** 0.5  # fold the scale into X so XᵀX needs no extra pass
+        self.H.addmm_(xs.t(), xs)
+
+    def result(self) -> torch.Tensor:
+        self._check_seen()
+        return self.H
+
+
+class ChannelNormObserver(Observer):
+    """Per input channel ``‖X_j‖₂`` over every token seen (Wanda's ``‖X‖``); the sum of
+    squares is kept in fp64 so long calibrations don't lose the small channels."""
+
+    name = "channel_norm"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sq: Optional[torch.Tensor] = None
+
+    def _update(self, x: torch.Tensor) -> None:
+        s = x.double().pow(2).sum(0)
+        self.sq = s if self.sq is None else self.sq + s
+
+    def result(self) -> torch.Tensor:
+        self._check_seen()
+        return self.sq.sqrt().float()
+
+
+class AbsMeanObserver(Observer):
+    """Per input channel ``mean_t |x_tj|`` (AWQ's activation salience)."""
+
+    name = "abs_mean"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total: Optional[torch.Tensor] = None
+
+    def _update(self, x: torch.Tensor) -> None:
+        s = x.abs().double().sum(0)
+        self.total = s if self.total is None else self.total + s
+
+    def result(self) -> torch.Tensor:
+        self._check_seen()
+        return (self.total / self.tokens).float()
+
+
+class MinMaxObserver(Observer):
+    """Per input channel min and max over tokens; ``result()`` also gives the per-tensor
+    ``absmax`` that a symmetric static activation scale needs (``scale = absmax / 127``)."""
+
+    name = "minmax"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.min: Optional[torch.Tensor] = None
+        self.max: Optional[torch.Tensor] = None
+
+    def _update(self, x: torch.Tensor) -> None:
+        lo, hi = x.amin(0), x.amax(0)
+        self.min = lo if self.min is None else torch.minimum(self.min, lo)
+        self.max = hi if self.max is None else torch.maximum(self.max, hi)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        self._check_seen()
+        absmax = torch.maximum(self.min.abs().max(), self.max.abs().max())
+        return {"min": self.min, "max": self.max, "absmax": absmax}
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    c.name: c for c in (HessianObserver, ChannelNormObserver, AbsMeanObserver, MinMaxObserver)
+}
+
+
+def make_observer(name: str) -> Observer:
+    if name not in OBSERVERS:
+        raise SlimformerError(f"unknown observer '{name}'; known: {', '.join(sorted(OBSERVERS))}")
+    return OBSERVERS[name]()
+
+
+class ObserverSet:
+    """Observers keyed by module name then observer name, attached by forward pre-hooks."""
+
+    def __init__(self) -> None:
+        self.observers: dict[str, dict[str, Observer]] = {}
+        self._handles: list = []
+
+    def add(self, name: str, module: nn.Module, kinds: tuple[str, ...]) -> None:
+        obs = {k: make_observer(k) for k in kinds}
+        if not obs:
+            return
+        self.observers[name] = obs
+
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            x = args[0]
+            for o in obs.values():
+                o.observe(x)
+
+        self._handles.append(module.register_forward_pre_hook(hook))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        return {n: {k: o.result() for k, o in obs.items()} for n, obs in self.observers.items()}
+
+
+@contextmanager
+def attach(modules: dict[str, nn.Module], kinds: dict[str, tuple[str, ...]]) -> Iterator[ObserverSet]:
+    """Attach ``kinds[name]`` observers to each ``modules[name]``; hooks are removed on exit
+    (also on error), so a failed calibration never leaves hooks behind."""
+    s = ObserverSet()
+    try:
+        for name, mod in modules.items():
+            s.add(name, mod, kinds.get(name, ()))
+        yield s
+    finally:
+        s.remove()
+
+
+__all__ = ["Observer", "HessianObserver", "ChannelNormObserver", "AbsMeanObserver", "MinMaxObserver",
+           "OBSERVERS", "ObserverSet", "attach", "flatten_tokens", "make_observer"]
