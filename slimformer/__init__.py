@@ -11,3 +11,7 @@ def load(name_or_path, **kw):
     from slimformer.models import load as _load
 
     return _load(name_or_path, **kw)
+
+
+# the function shadows its module's name on purpose: ``slimformer.compress(model, recipe)``
+from slimformer.compress import compress  # noqa: E402
