@@ -197,7 +197,14 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def _block_writer(tmp: Path):
-    """Writes each compressed block out and releases it (streamed runs); see formats."""
-    from slimformer.formats import StreamingWriter  # provided by the formats package
-
+    """For streamed runs: the formats package's incremental writer (``add(i, name, block)``
+    writes one compressed block into ``tmp`` and may release it; ``finish(lm, meta)`` writes
+    the rest and the config), or ``None`` — then compressed blocks stay packed in memory and
+    are saved at the end with ``save_compressed``."""
+    try:
+        from slimformer.formats import StreamingWriter
+    except ImportError:
+        log.warning("slimformer.formats has no StreamingWriter: compressed blocks stay in memory "
+                    "until the final save")
+        return None
     return StreamingWriter(tmp)
