@@ -26,9 +26,9 @@ Layout conventions (used everywhere in slimformer):
   ``nf4`` codes -> ``uint8`` indices into :data:`NF4_CODEBOOK`; ``fp8_e4m3`` codes -> the
   ``uint8`` bit patterns of ``torch.float8_e4m3fn`` values. Codes are unpacked (one per byte);
   packing is a separate step (:mod:`slimformer.primitives.packing`).
-* Scales are float32 tensors whose values are exactly representable in float16 (they are
-  rounded when computed here), so a compressed format can store them in half the bytes and
-  still reproduce :func:`dequantize` bit for bit.
+* Scales are float32 tensors whose values are exactly representable in bfloat16 (they are
+  rounded up when computed here), so a compressed format stores them in half the bytes and
+  still reproduces :func:`dequantize` bit for bit.
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ NF4_CODEBOOK = torch.tensor([
 ], dtype=torch.float32)
 
 FP8_E4M3_MAX = 448.0  # largest finite torch.float8_e4m3fn
-_FP16_MAX = 65504.0
-_FP16_TINY = 2.0 ** -24  # smallest positive float16 (subnormal); the floor of every scale
+_SCALE_TINY = 2.0 ** -100  # floor of every scale (an all-zero group quantizes to code 0)
+_SCALE_MAX = 2.0 ** 100
 DOUBLE_QUANT_BLOCK = 256  # QLoRA: second-level quantization of the NF4 scales in blocks of 256
 
 
@@ -199,18 +199,24 @@ def _group_view(w2: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def round_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Round a positive scale UP to the next float16 value (kept as float32).
+    """Round a positive scale UP to the next bfloat16 value (kept as float32).
 
-    Every value then survives a float16 round trip exactly, so compressed formats store scales
-    in 2 bytes without changing a single dequantized value. Rounding up (never down) means the
-    range the scale was computed for is still covered: no extra clipping. The relative change
-    is at most 2^-10 for normal float16 scales.
+    Every value then survives a bfloat16 round trip exactly, so compressed formats store scales
+    in 2 bytes (and PyTorch's int4 CPU kernel, which takes bfloat16 scales, uses them as they
+    are) without changing a single dequantized value. bfloat16 keeps float32's exponent range,
+    so tiny scales are not flushed. Rounding up (never down) means the range the scale was
+    computed for is still covered: no extra clipping; the grid gets at most 2^-8 coarser.
     """
-    s = scale.to(torch.float32).clamp(_FP16_TINY, _FP16_MAX)
-    h = s.to(torch.float16)
+    s = scale.to(torch.float32).clamp(_SCALE_TINY, _SCALE_MAX)
+    h = s.to(torch.bfloat16)
     up = torch.nextafter(h, torch.full_like(h, float("inf")))
     h = torch.where(h.to(torch.float32) < s, up, h)
     return h.to(torch.float32)
+
+
+def is_bf16_exact(t: torch.Tensor) -> bool:
+    """True if every value of ``t`` survives a bfloat16 round trip."""
+    return bool(torch.equal(t.to(torch.bfloat16).to(t.dtype), t))
 
 
 def expand_groups(p: torch.Tensor, cols: int, spec: QuantSpec, start: int = 0,
@@ -303,7 +309,7 @@ def dequantize_scales(dq: dict[str, torch.Tensor], block: int = DOUBLE_QUANT_BLO
     flat = codes.reshape(-1).to(torch.float32)
     per = dq["absmax"].repeat_interleave(block)[: flat.numel()]
     s = flat * per + dq["offset"]
-    return s.clamp_min(_FP16_TINY).reshape(codes.shape)
+    return s.clamp_min(_SCALE_TINY).reshape(codes.shape)
 
 
 # ---------------------------------------------------------------------------------------------

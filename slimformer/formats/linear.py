@@ -1,0 +1,338 @@
+"""Quantized replacements for linear layers that stay packed in memory and compute fast on CPU.
+
+Two modules, chosen by what PyTorch's CPU kernels can do (measured, see
+``benchmarks/bench_kernels.py`` and ``benchmarks/RESULTS.md`` "Kernels"):
+
+* :class:`QuantLinear` -- weight-only 2..8-bit int, NF4 or FP8. For 4-bit int codes with group
+  size 32/64/128/256 the weight lives in PyTorch's blocked int4 layout
+  (``_convert_weight_to_int4pack_for_cpu``): few-token inputs (decode) run the fused int4 kernel
+  on bfloat16 activations; many-token inputs (prefill) dequantize tile by tile from the same
+  packed bytes and use the fp32 GEMM, because the int4 kernel is slower than fp32 there. Every
+  other scheme keeps the canonical packed codes and dequantizes tile by tile.
+* :class:`Int8Linear` -- W8A8 (survey Eq. 5): int8 per-channel weights and int8 activations with
+  a scale per token, multiplied by an int8 GEMM with int32 accumulation. The weight lives in
+  fbgemm's packed int8 format (one copy). One token (decode) is one call of fbgemm's dynamic
+  linear -- for a single row its per-tensor activation scale IS the per-token scale. For many
+  tokens each row is first divided by its own absmax, so the kernel's one per-tensor grid equals
+  a per-token grid; the row scales are multiplied back into the int32-accumulated output.
+  Without fbgemm the module falls back to ``torch._int_mm``.
+
+Both expose :meth:`quantized` (the canonical :class:`QuantizedTensor`, for saving) and
+:meth:`nbytes` (bytes held, including kernel-packed storage that ``state_dict`` cannot see).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimformer.primitives.affine import (QuantizedTensor, QuantSpec, dequantize_scales,
+                                          dequantize_values, expand_groups, is_bf16_exact)
+from slimformer.primitives.packing import pack_codes, unpack_codes
+
+INT4PACK_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's CPU int4 kernel accepts
+INT4PACK_MAX_M = 16  # tokens up to which the fused int4 kernel beats dequantize + fp32 GEMM
+TILE_COLS = 1024  # output features dequantized at a time: bounds the fp32 scratch memory
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of an ``nn.Linear`` or HF GPT-2 ``Conv1D`` as [out, in] (a view, no copy)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D":  # HF Conv1D: y = x @ W + b with W [in, out]
+        return module.weight.t()
+    if isinstance(module, (QuantLinear, Int8Linear)):
+        raise TypeError(f"{type(module).__name__} is already quantized")
+    raise TypeError(f"not a linear layer: {type(module).__name__}")
+
+
+def linear_bias(module: nn.Module) -> Optional[torch.Tensor]:
+    return getattr(module, "bias", None)
+
+
+def _nbytes(*ts: Optional[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+# =============================================================================================
+# weight-only
+# =============================================================================================
+class QuantLinear(nn.Module):
+    """Weight-only quantized linear: y = x @ dequant(W)^T + b with W kept packed.
+
+    Build with :meth:`from_quantized`; ``backend`` is "int4pack" or "dequant" (see module doc).
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, backend: str):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.spec, self.backend = spec, backend
+        self.bias: Optional[torch.Tensor]
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None,
+                       backend: Optional[str] = None) -> "QuantLinear":
+        """Wrap a quantized [out, in] weight. ``backend`` None picks the fastest that fits."""
+        if len(qt.shape) != 2:
+            raise ValueError(f"QuantLinear needs a 2-D weight, got shape {qt.shape}")
+        n, k = qt.shape
+        spec = qt.spec
+        fits = (spec.format == "int" and spec.bits == 4 and spec.granularity == "group"
+                and spec.group_size in INT4PACK_GROUPS and is_bf16_exact(qt.scale))
+        backend = backend or ("int4pack" if fits else "dequant")
+        if backend == "int4pack" and not fits:
+            raise ValueError(f"int4pack backend needs 4-bit int groups of {INT4PACK_GROUPS} "
+                             f"with bfloat16-exact scales; got {spec}")
+        m = cls(k, n, spec, backend)
+        m.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        if backend == "int4pack":
+            m._init_int4pack(qt)
+        else:
+            m._init_dequant(qt)
+        return m
+
+    def _init_dequant(self, qt: QuantizedTensor) -> None:
+        spec = qt.spec
+        self.register_buffer("qweight", pack_codes(qt.codes, spec))  # [N, ceil(K*bits/8)] uint8
+        if qt.dq_scale is not None:  # NF4 double quant: the scales themselves are int8
+            self.register_buffer("scale", None)
+            self.register_buffer("scale_codes", qt.dq_scale["codes"].clone())  # [N, G] int8
+            self.register_buffer("scale_absmax", qt.dq_scale["absmax"].clone())  # [ceil(N*G/256)]
+            self.register_buffer("scale_offset", qt.dq_scale["offset"].clone())  # [1]
+        else:
+            s = qt.scale
+            self.register_buffer("scale", s.to(torch.bfloat16) if is_bf16_exact(s) else s.clone())
+        self.register_buffer("zero", None if qt.zero is None else qt.zero.clone())
+
+    def _init_int4pack(self, qt: QuantizedTensor) -> None:
+        n, k = qt.shape
+        g = qt.spec.group_size
+        n_pad, k_pad = -n % 64, -k % g  # kernel works on 64-row blocks and whole groups
+        u = qt.codes.to(torch.int32) + (8 if qt.spec.symmetric else 0)  # [N, K] in 0..15
+        u = F.pad(u, (0, k_pad, 0, n_pad), value=8 if qt.spec.symmetric else 0)
+        # blocked layout: view(N/64, K, 32) byte [b, k, j] = q[64b+j, k] | q[64b+j+32, k] << 4
+        self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(u, 1))
+        # kernel dequant: w = (q - 8) * s + z  ==  (q - zero) * s  with  z = (8 - zero) * s
+        s = qt.scale  # [N, G]
+        zero = torch.full_like(s, 8.0) if qt.zero is None else qt.zero.to(torch.float32)
+        z = (8.0 - zero) * s
+        sz = torch.stack([s, z], dim=-1)  # [N, G, 2]
+        gp = math.ceil((k + k_pad) / g)
+        sz = F.pad(sz, (0, 0, 0, gp - sz.shape[1], 0, n_pad))
+        self.register_buffer("scale_zeros", sz.transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.register_buffer("zero", None if qt.zero is None else qt.zero.clone())  # [N, G]
+        self._k_pad = k + k_pad
+
+    # ---- canonical view ----------------------------------------------------------------------
+    def scales(self) -> torch.Tensor:
+        """Per-group scales [N, G] float32 exactly as used."""
+        if self.backend == "int4pack":
+            g = math.ceil(self.in_features / self.spec.group_size)
+            return self.scale_zeros[:g, : self.out_features, 0].t().to(torch.float32).contiguous()
+        if self.scale is None:
+            return dequantize_scales({"codes": self.scale_codes, "absmax": self.scale_absmax,
+                                      "offset": self.scale_offset})
+        return self.scale.to(torch.float32)
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes [N, K] of ``spec.code_dtype``."""
+        n, k = self.out_features, self.in_features
+        if self.backend == "dequant":
+            return unpack_codes(self.qweight, self.spec, k)
+        u = self.qweight.view(-1, self._k_pad, 32)  # [NB, Kp, 32]
+        q = torch.cat([u & 15, u >> 4], dim=-1)  # [NB, Kp, 64]
+        q = q.permute(0, 2, 1).reshape(-1, self._k_pad)[:n, :k]  # [N, K]
+        if self.spec.symmetric:
+            return (q.to(torch.int16) - 8).to(torch.int8)
+        return q.to(torch.uint8).contiguous()
+
+    def quantized(self) -> QuantizedTensor:
+        dq = None
+        if self.backend == "dequant" and self.scale is None:
+            dq = {"codes": self.scale_codes, "absmax": self.scale_absmax, "offset": self.scale_offset}
+        return QuantizedTensor(codes=self.codes(), scale=self.scales(), zero=self.zero,
+                               spec=self.spec, shape=(self.out_features, self.in_features),
+                               dq_scale=dq)
+
+    def nbytes(self) -> int:
+        return _nbytes(*self.buffers())
+
+    # ---- compute -----------------------------------------------------------------------------
+    def dequantized_weight(self, rows: Optional[slice] = None) -> torch.Tensor:
+        """fp32 weight [n, K] for output rows ``rows`` (all by default). Scratch, not stored."""
+        rows = rows or slice(0, self.out_features)
+        if self.backend == "int4pack":
+            return self._int4pack_tile_t(rows.start, rows.stop).t()[:, : self.in_features]
+        spec, k = self.spec, self.in_features
+        codes = unpack_codes(self.qweight[rows], spec, k)  # [n, K]
+        s = self.scales()
+        s = s if s.shape[0] == 1 else s[rows]
+        z = None if self.zero is None else (self.zero if self.zero.shape[0] == 1 else self.zero[rows])
+        return dequantize_values(codes, expand_groups(s, k, spec),
+                                 None if z is None else expand_groups(z, k, spec), spec)
+
+    def _int4pack_tile_t(self, n0: int, n1: int) -> torch.Tensor:
+        """Dequantized W^T [Kp, n] for output features n0:n1 (n0 a multiple of 64)."""
+        kp, g = self._k_pad, self.spec.group_size
+        b0, b1 = n0 // 64, math.ceil(n1 / 64)
+        u = self.qweight.view(-1, kp, 32)[b0:b1]  # [nb, Kp, 32]
+        q = torch.cat([u & 15, u >> 4], dim=-1).permute(1, 0, 2).reshape(kp, -1)  # [Kp, nb*64]
+        sz = self.scale_zeros[:, b0 * 64: b1 * 64].to(torch.float32)  # [Gp, nb*64, 2]
+        s = sz[..., 0].repeat_interleave(g, dim=0)  # [Kp, nb*64]
+        z = sz[..., 1].repeat_interleave(g, dim=0)
+        w = torch.addcmul(z, q.to(torch.float32) - 8.0, s)  # (q - 8) * s + z
+        return w[:, : n1 - n0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)  # [M, K]
+        m = x2.shape[0]
+        if self.backend == "int4pack" and m <= INT4PACK_MAX_M:
+            xp = F.pad(x2, (0, self._k_pad - self.in_features)).to(torch.bfloat16)
+            y = torch._weight_int4pack_mm_for_cpu(xp, self.qweight, self.spec.group_size,
+                                                  self.scale_zeros)  # [M, Np] bf16
+            y = y[:, : self.out_features].to(torch.float32)
+        else:
+            y = x2.new_empty(m, self.out_features)
+            if self.backend == "int4pack":
+                xp = F.pad(x2, (0, self._k_pad - self.in_features))
+                for n0 in range(0, self.out_features, TILE_COLS):
+                    n1 = min(n0 + TILE_COLS, self.out_features)
+                    y[:, n0:n1] = xp @ self._int4pack_tile_t(n0, n1)
+            else:
+                for n0 in range(0, self.out_features, TILE_COLS):
+                    n1 = min(n0 + TILE_COLS, self.out_features)
+                    y[:, n0:n1] = x2 @ self.dequantized_weight(slice(n0, n1)).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"in={self.in_features}, out={self.out_features}, {s.format}{s.bits} "
+                f"{'sym' if s.symmetric else 'asym'} {s.granularity}"
+                f"{s.group_size if s.granularity == 'group' else ''}, backend={self.backend}")
+
+
+# =============================================================================================
+# W8A8
+# =============================================================================================
+def _fbgemm_available() -> bool:
+    return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
+
+
+class Int8Linear(nn.Module):
+    """W8A8 linear: int8 per-channel weights x int8 per-token activations, int32 accumulation.
+
+    ``act_scale`` (optional, a calibrated per-tensor scale) switches to static activation
+    ranges: inputs are clipped to +-127 * act_scale. On the fbgemm backend the grid inside that
+    range is then chosen per call (never coarser than the static grid); on the ``_int_mm``
+    fallback it is exactly the static grid.
+    """
+
+    def __init__(self, in_features: int, out_features: int, backend: str):
+        super().__init__()
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.spec = QuantSpec(bits=8, symmetric=True, granularity="channel")
+        self._packed = None
+
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None,
+                       act_scale: Optional[torch.Tensor | float] = None,
+                       backend: Optional[str] = None) -> "Int8Linear":
+        spec = qt.spec
+        if not (spec.format == "int" and spec.bits == 8 and spec.symmetric
+                and spec.granularity in ("channel", "tensor")):
+            raise ValueError(f"Int8Linear needs symmetric 8-bit int per-channel weights, got {spec}")
+        n, k = qt.shape
+        backend = backend or ("fbgemm" if _fbgemm_available() else "int_mm")
+        m = cls(k, n, backend)
+        scale = qt.scale.to(torch.float32).expand(n, 1).reshape(n).contiguous()  # [N]
+        m.register_buffer("weight_scale", scale)
+        m.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        m.register_buffer("act_scale", None if act_scale is None
+                          else torch.as_tensor(act_scale, dtype=torch.float32).reshape(1).clone())
+        codes = qt.codes.to(torch.int8)
+        if backend == "fbgemm":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # quantized-tensor creation is marked deprecated
+                qw = torch._make_per_channel_quantized_tensor(
+                    codes, scale.to(torch.float64), torch.zeros(n, dtype=torch.long), 0)
+                m._packed = torch.ops.quantized.linear_prepack(qw, None)
+            m.register_buffer("weight_int8", None)
+        else:
+            m.register_buffer("weight_int8", codes.contiguous())  # [N, K]
+        return m
+
+    def weight_codes(self) -> torch.Tensor:
+        """int8 codes [N, K]."""
+        if self.backend == "fbgemm":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr().contiguous()
+        return self.weight_int8
+
+    def quantized(self) -> QuantizedTensor:
+        return QuantizedTensor(codes=self.weight_codes(), scale=self.weight_scale.reshape(-1, 1),
+                               zero=None, spec=self.spec, shape=(self.out_features, self.in_features))
+
+    def nbytes(self) -> int:
+        n, k = self.out_features, self.in_features
+        packed = n * k + 4 * n if self.backend == "fbgemm" else 0  # int8 B + int32 column offsets
+        return packed + _nbytes(*self.buffers())
+
+    def __getstate__(self):  # deepcopy / pickle: the fbgemm handle is rebuilt from codes
+        state = self.__dict__.copy()
+        if self._packed is not None:
+            state["_packed_codes"] = self.weight_codes()
+            state["_packed"] = None
+        return state
+
+    def __setstate__(self, state):
+        codes = state.pop("_packed_codes", None)
+        self.__dict__.update(state)
+        if codes is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                qw = torch._make_per_channel_quantized_tensor(
+                    codes, self.weight_scale.to(torch.float64),
+                    torch.zeros(self.out_features, dtype=torch.long), 0)
+                self._packed = torch.ops.quantized.linear_prepack(qw, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)  # [M, K]
+        if self.act_scale is not None:
+            lim = 127.0 * self.act_scale
+            x2 = torch.maximum(torch.minimum(x2, lim), -lim)
+        y = self._forward_fbgemm(x2) if self.backend == "fbgemm" else self._forward_int_mm(x2)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _forward_fbgemm(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] == 1:  # one token: the kernel's per-tensor scale is per-token
+            return torch.ops.quantized.linear_dynamic(x2, self._packed, False)
+        amax = x2.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)  # [M, 1]
+        # every row now spans the same range, so one per-tensor grid is a per-token grid
+        y = torch.ops.quantized.linear_dynamic(x2 / amax, self._packed, False)  # [M, N]
+        return y.mul_(amax)
+
+    def _forward_int_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.act_scale is not None:
+            s = self.act_scale.reshape(1, 1)  # static: [1, 1]
+        else:
+            s = x2.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30) / 127.0  # [M, 1]
+        q = torch.round(x2 / s).clamp_(-127, 127).to(torch.int8)  # [M, K]
+        acc = torch._int_mm(q, self.weight_int8.t())  # [M, N] int32 (Eq. 5, C = 0)
+        y = acc * self.weight_scale.view(1, -1)  # [M, N] float: s_w per output channel
+        return y.mul_(s)  # s_x per token
+
+    def extra_repr(self) -> str:
+        mode = "static" if self.act_scale is not None else "dynamic per-token"
+        return f"in={self.in_features}, out={self.out_features}, W8A8 {mode}, backend={self.backend}"

@@ -1,0 +1,298 @@
+"""Compressed folders: save and load.
+
+A folder holds ``model.safetensors`` (packed integer codes + scales/zero points of every
+quantized linear in the canonical layout of :mod:`slimformer.primitives.packing`, and the
+remaining tensors as they are), the HF ``config.json``, the tokenizer files, and
+``slimformer.json``::
+
+    {"format_version": 1, "arch": "llama", "model_class": "LlamaForCausalLM",
+     "modules": {"model.layers.0.self_attn.q_proj": {"type": "QuantLinear", "spec": {...},
+                 "backend": "int4pack", "in_features": 576, "out_features": 576}, ...},
+     "aliases": {"lm_head.weight": "model.embed_tokens.weight"},   # tied tensors, stored once
+     "meta": {...the recipe...}}
+
+Saving writes into a hidden temporary sibling folder and renames it at the end, so an
+interrupted save never leaves a folder that looks complete; the same model saved twice gives
+byte-identical files (sorted keys, no timestamps). Loading builds the model on the ``meta``
+device from the config, swaps in the quantized modules built straight from the packed tensors
+(quantized weights are never materialised in fp32) and assigns everything else.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimformer.errors import SlimformerError
+from slimformer.formats.linear import Int8Linear, QuantLinear
+from slimformer.primitives.affine import QuantizedTensor, QuantSpec
+from slimformer.primitives.packing import pack_codes, unpack_codes
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "slimformer.json"
+WEIGHTS_NAME = "model.safetensors"
+QUANT_TYPES = (QuantLinear, Int8Linear)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> quantized linear module, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
+
+
+def quantized_nbytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes held by the quantized linears, fp32 bytes of the weights and biases they replace)."""
+    held = fp32 = 0
+    for m in quantized_modules(model).values():
+        held += m.nbytes()
+        fp32 += 4 * (m.in_features * m.out_features + (m.out_features if m.bias is not None else 0))
+    return held, fp32
+
+
+# ---------------------------------------------------------------------------------------------
+# module <-> tensors
+# ---------------------------------------------------------------------------------------------
+def _module_tensors(name: str, m: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    qt = m.quantized()
+    t: dict[str, torch.Tensor] = {}
+    info: dict[str, Any] = {"type": type(m).__name__, "spec": qt.spec.to_dict(),
+                            "in_features": m.in_features, "out_features": m.out_features}
+    if isinstance(m, QuantLinear):
+        info["backend"] = m.backend
+        t["qweight"] = pack_codes(qt.codes, qt.spec)  # [N, ceil(K*bits/8)] uint8
+        if qt.dq_scale is not None:
+            t.update({f"scale_{k}": v for k, v in qt.dq_scale.items()})
+        else:
+            s = qt.scale
+            exact = torch.equal(s.to(torch.bfloat16).to(torch.float32), s)
+            t["scale"] = s.to(torch.bfloat16) if exact else s
+        if qt.zero is not None:
+            t["zero"] = qt.zero
+    else:
+        t["weight"] = qt.codes  # [N, K] int8
+        t["weight_scale"] = m.weight_scale
+        if m.act_scale is not None:
+            t["act_scale"] = m.act_scale
+    if m.bias is not None:
+        t["bias"] = m.bias
+    return {f"{name}.{k}": v.contiguous() for k, v in t.items()}, info
+
+
+def _build_module(name: str, info: dict[str, Any], get) -> nn.Module:
+    spec = QuantSpec.from_dict(info["spec"])
+    n, k = info["out_features"], info["in_features"]
+    bias = get(f"{name}.bias")
+    if info["type"] == "QuantLinear":
+        dq = None
+        if get(f"{name}.scale_codes") is not None:
+            dq = {"codes": get(f"{name}.scale_codes"), "absmax": get(f"{name}.scale_absmax"),
+                  "offset": get(f"{name}.scale_offset")}
+            from slimformer.primitives.affine import dequantize_scales
+
+            scale = dequantize_scales(dq)
+        else:
+            scale = get(f"{name}.scale").to(torch.float32)
+        codes = unpack_codes(get(f"{name}.qweight"), spec, k)
+        qt = QuantizedTensor(codes=codes, scale=scale, zero=get(f"{name}.zero"), spec=spec,
+                             shape=(n, k), dq_scale=dq)
+        return QuantLinear.from_quantized(qt, bias, backend=info.get("backend"))
+    if info["type"] == "Int8Linear":
+        qt = QuantizedTensor(codes=get(f"{name}.weight"),
+                             scale=get(f"{name}.weight_scale").reshape(-1, 1), zero=None,
+                             spec=spec, shape=(n, k))
+        return Int8Linear.from_quantized(qt, bias, act_scale=get(f"{name}.act_scale"))
+    raise SlimformerError(f"{CONFIG_NAME}: unknown module type {info['type']!r} for {name}")
+
+
+def _all_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+    """Parameters and ALL buffers (non-persistent too, e.g. rotary inv_freq, so a model built
+    on ``meta`` gets them back) outside the quantized modules."""
+    out: dict[str, torch.Tensor] = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        if t is None or any(n == s or n.startswith(s + ".") for s in skip):
+            continue
+        out[n] = t.detach()
+    return out
+
+
+def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors that share memory (tied embeddings) once; return alias -> stored name."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for n in sorted(tensors):
+        t = tensors[n]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in seen:
+            aliases[n] = seen[key]
+        else:
+            seen[key] = n
+            kept[n] = t.contiguous()
+    return kept, aliases
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------
+def save_compressed(lm, out_dir: str | os.PathLike, meta: dict | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write ``lm`` (a LoadedModel whose linears may be quantized modules) to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise SlimformerError(f"output folder '{out}' exists; pass overwrite to replace it")
+    model = lm.model
+    qmods = quantized_modules(model)
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, Any] = {}
+    for name, m in qmods.items():
+        t, info = _module_tensors(name, m)
+        tensors.update(t)
+        modules[name] = info
+    rest, aliases = _dedupe(_all_tensors(model, set(qmods)))
+    for n, t in rest.items():
+        if t.device.type == "meta":
+            raise SlimformerError(f"tensor {n} is on the meta device; nothing to save")
+    tensors.update(rest)
+    cfg = _config_for_save(model, qmods)
+    doc = {"format_version": FORMAT_VERSION, "arch": lm.arch.name, "kind": lm.arch.kind,
+           "model_class": type(model).__name__, "modules": modules, "aliases": aliases,
+           "meta": meta or {}}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        save_file({k: tensors[k].cpu() for k in sorted(tensors)}, str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt"})  # one key: safetensors orders metadata by hash
+        cfg.to_json_file(str(tmp / "config.json"), use_diff=False)
+        if lm.tokenizer is not None:
+            lm.tokenizer.save_pretrained(str(tmp))
+        # the marker file last: a folder without it is not a slimformer folder
+        (tmp / CONFIG_NAME).write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n")
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _config_for_save(model: nn.Module, qmods: dict[str, nn.Module]):
+    import copy
+
+    cfg = copy.deepcopy(model.config)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out_emb is not None and isinstance(out_emb, QUANT_TYPES) and getattr(cfg, "tie_word_embeddings", False):
+        cfg.tie_word_embeddings = False  # the head is its own quantized tensor now
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------------
+def load_compressed(path: str | os.PathLike):
+    """Rebuild a LoadedModel from a folder written by :func:`save_compressed`."""
+    import transformers
+    from safetensors import safe_open
+
+    from slimformer.models.loading import LoadedModel
+    from slimformer.models.registry import ARCHITECTURES, get_module, set_module
+
+    path = Path(path)
+    try:
+        doc = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SlimformerError(f"'{path / CONFIG_NAME}' is unreadable: {type(e).__name__}")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise SlimformerError(f"{CONFIG_NAME}: format_version {doc.get('format_version')!r} is not "
+                              f"supported (this slimformer reads {FORMAT_VERSION})")
+    arch = ARCHITECTURES.get(doc.get("arch"))
+    if arch is None:
+        raise SlimformerError(f"{CONFIG_NAME}: unknown arch {doc.get('arch')!r}")
+    cls = getattr(transformers, doc["model_class"], None)
+    if cls is None:
+        raise SlimformerError(f"{CONFIG_NAME}: unknown model_class {doc['model_class']!r}")
+    cfg = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with torch.device("meta"):
+        model = cls(cfg)
+    model.eval()
+
+    wf = path / WEIGHTS_NAME
+    if not wf.exists():
+        raise SlimformerError(f"folder '{path}' has no {WEIGHTS_NAME}")
+    with safe_open(str(wf), framework="pt") as f:
+        keys = set(f.keys())
+        get = lambda k: f.get_tensor(k) if k in keys else None  # noqa: E731
+        for name, info in doc["modules"].items():
+            set_module(model, name, _build_module(name, info, get))
+        qnames = set(doc["modules"])
+        rest = {k: f.get_tensor(k) for k in sorted(keys)
+                if not any(k.startswith(q + ".") for q in qnames)}
+    for k, t in rest.items():
+        _assign(model, k, t, get_module)
+    for alias, target in doc.get("aliases", {}).items():
+        mod_path, _, attr = target.rpartition(".")
+        src = getattr(get_module(model, mod_path), attr)
+        a_path, _, a_attr = alias.rpartition(".")
+        _set_tensor(get_module(model, a_path), a_attr, src)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t is not None and t.device.type == "meta"]
+    if left:
+        raise SlimformerError(f"'{wf}' lacks tensors for {', '.join(left[:5])}")
+    _fix_meta_attributes(model)
+
+    tok = None
+    if arch.kind != "vision":
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception:
+            log.warning("no tokenizer in %s", path)
+    return LoadedModel(model=model, tokenizer=tok, arch=arch, name=path.name, source=str(path),
+                       meta=doc.get("meta", {}))
+
+
+def _set_tensor(mod: nn.Module, attr: str, t: torch.Tensor) -> None:
+    if attr in mod._parameters:
+        mod._parameters[attr] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = t
+    else:
+        setattr(mod, attr, t)
+
+
+def _assign(model: nn.Module, key: str, t: torch.Tensor, get_module) -> None:
+    mod_path, _, attr = key.rpartition(".")
+    try:
+        mod = get_module(model, mod_path)
+    except AttributeError:
+        raise SlimformerError(f"tensor {key} in the checkpoint has no place in the model")
+    _set_tensor(mod, attr, t)
+
+
+def _fix_meta_attributes(model: nn.Module) -> None:
+    """Plain tensor attributes (not buffers) that a module computed at construction on meta,
+    e.g. rotary ``original_inv_freq``: point them at the loaded buffer of the same content."""
+    for mod in model.modules():
+        for k, v in list(vars(mod).items()):
+            if isinstance(v, torch.Tensor) and v.device.type == "meta":
+                twin = mod._buffers.get(k.replace("original_", "")) if k.startswith("original_") else None
+                if twin is None:
+                    raise SlimformerError(f"attribute {k} of {type(mod).__name__} stayed on meta")
+                setattr(mod, k, twin.clone())
