@@ -109,15 +109,16 @@ def predict_logistic(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch
     return ((x.double() @ w + b) > 0).long()
 
 
-def sst2(lm, limit: Optional[int] = None, train_size: int = SST2_TRAIN_SIZE, seed: int = 0,
+def sst2(lm, limit: Optional[int] = None, train_size: Optional[int] = None, seed: int = 0,
          show_progress: bool = True) -> dict:
     """SST-2 dev accuracy of a logistic-regression probe on frozen mean-pooled embeddings.
 
-    The probe trains on ``train_size`` rows drawn with ``random.Random(seed)`` from the shipped
+    The probe trains on ``train_size`` (default ``SST2_TRAIN_SIZE``) rows drawn with ``random.Random(seed)`` from the shipped
     train split (the full 60k adds little to a linear probe and costs minutes). ``limit`` caps
     the dev rows scored.
     """
     check_limit(limit)
+    train_size = SST2_TRAIN_SIZE if train_size is None else train_size
     if train_size <= 1:
         raise SlimformerError(f"sst2 train_size must be > 1 (got {train_size})")
     train = sst2_data("train")

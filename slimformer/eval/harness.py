@@ -103,7 +103,7 @@ def evaluate(lm, tasks: str | Iterable[str], limit: Optional[int] = None, baseli
     check_limit(limit)
     for name in names:
         if lm.kind not in TASKS[name].kinds:
-            raise SlimformerError(f"task '{name}' needs a {' or '.join(TASKS[name].kinds)} model, but "
+            raise SlimformerError(f"task '{name}' runs on {' or '.join(TASKS[name].kinds)} models, but "
                                   f"'{lm.name}' is a {lm.kind} model")
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     results: dict[str, dict] = {}

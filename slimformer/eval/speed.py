@@ -45,6 +45,9 @@ class SpeedConfig:
                 raise SlimformerError(f"SpeedConfig.{name} must be > 0 (got {getattr(self, name)})")
 
 
+DEFAULT_CONFIG = SpeedConfig()
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, MiB (ru_maxrss: KiB on Linux, B on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -158,7 +161,7 @@ def speed_metrics(lm, baseline=None, config: Optional[SpeedConfig] = None,
     Speed-ups are > 1 when ``lm`` is faster: baseline latency / latency, tokens/s / baseline
     tokens/s.
     """
-    cfg = config or SpeedConfig()
+    cfg = config or DEFAULT_CONFIG
     lms = [lm] if baseline is None else [lm, baseline]
     if baseline is not None and baseline.kind != lm.kind:
         raise SlimformerError(f"baseline '{baseline.name}' is a {baseline.kind} model but "
