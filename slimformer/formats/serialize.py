@@ -243,7 +243,9 @@ def load_compressed(path: str | os.PathLike):
         for name, info in doc["modules"].items():
             set_module(model, name, _build_module(name, info, get))
         qnames = set(doc["modules"])
-        rest = {k: f.get_tensor(k) for k in sorted(keys)
+        # fresh, aligned storage: BLAS takes different (and differently rounded) paths for
+        # misaligned inputs, which would break bit-identical logits after a load
+        rest = {k: _aligned(f.get_tensor(k)) for k in sorted(keys)
                 if not any(k.startswith(q + ".") for q in qnames)}
     for k, t in rest.items():
         _assign(model, k, t, get_module)
@@ -266,6 +268,11 @@ def load_compressed(path: str | os.PathLike):
             log.warning("no tokenizer in %s", path)
     return LoadedModel(model=model, tokenizer=tok, arch=arch, name=path.name, source=str(path),
                        meta=doc.get("meta", {}))
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    return out.copy_(t)
 
 
 def _set_tensor(mod: nn.Module, attr: str, t: torch.Tensor) -> None:
