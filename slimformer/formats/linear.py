@@ -183,9 +183,9 @@ class QuantLinear(nn.Module):
         u = self.qweight.view(-1, kp, 32)[b0:b1]  # [nb, Kp, 32]
         q = torch.cat([u & 15, u >> 4], dim=-1).permute(1, 0, 2).reshape(kp, -1)  # [Kp, nb*64]
         sz = self.scale_zeros[:, b0 * 64: b1 * 64].to(torch.float32)  # [Gp, nb*64, 2]
-        s = sz[..., 0].repeat_interleave(g, dim=0)  # [Kp, nb*64]
-        z = sz[..., 1].repeat_interleave(g, dim=0)
-        w = torch.addcmul(z, q.to(torch.float32) - 8.0, s)  # (q - 8) * s + z
+        gp = sz.shape[0]
+        qg = q.view(gp, g, -1).to(torch.float32).sub_(8.0)  # [Gp, g, n]: broadcast, no repeats
+        w = torch.addcmul(sz[:, None, :, 1], qg, sz[:, None, :, 0]).view(kp, -1)  # (q-8)*s + z
         return w[:, : n1 - n0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
