@@ -142,6 +142,26 @@ def test_batched_scores_equal_one_by_one_and_hand_values(tiny, arch):
     assert single[0].greedy == bool((logp[pos].argmax(-1) == x[-k:]).all())
 
 
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward lacks ``logits_to_keep`` (as a custom wrapper might)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_scores_without_logits_to_keep_match(tiny):
+    lm = tiny["opt"]
+    reqs = [encode_pair(lm.tokenizer, "Question: why?\nAnswer:", c) for c in (" because", " no", " it is so")]
+    kept = score_requests(lm.model, reqs, pad_id=256)
+    full = score_requests(_NoLogitsToKeep(lm.model), reqs, pad_id=256)
+    for a, b in zip(kept, full):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4) and a.greedy == b.greedy
+
+
 def test_long_context_is_left_truncated_to_positions(tiny):
     lm = tiny["gpt2"]  # 512 positions
     req = encode_pair(lm.tokenizer, "word " * 400, "end")

@@ -17,6 +17,7 @@ float rounding (tested).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ PROMPTS: dict[str, str] = {
 }
 assert set(PROMPTS) == set(ZERO_SHOT_TASKS)
 
-MAX_BATCH_TOKENS = 4096  # padded tokens per forward: bounds the [B, T, vocab] logits in memory
+MAX_BATCH_TOKENS = 4096  # padded tokens per forward: bounds activation memory
 MAX_BATCH = 32
 
 
@@ -116,6 +117,7 @@ def score_requests(model: nn.Module, requests: list[Request], pad_id: int = 0,
     order = sorted(range(len(requests)), key=lambda i: -lengths[i])
     out: list[Optional[Score]] = [None] * len(requests)
     batches = _batches(order, lengths, max_batch_tokens, max_batch)
+    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
     for batch in progress(batches, show_progress, "log-likelihood", unit="batch"):
         width = max(lengths[i] for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -123,11 +125,20 @@ def score_requests(model: nn.Module, requests: list[Request], pad_id: int = 0,
         for row, i in enumerate(batch):
             ids[row, :lengths[i]] = torch.tensor(inputs[i])
             mask[row, :lengths[i]] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
+        # only the positions that score a continuation need the [*, vocab] head: ask for
+        # their union (a few per row) instead of all B*T logits when the model allows it
+        spans = {i: range(lengths[i] - n_cont[i], lengths[i]) for i in batch}
+        keep = sorted({p for r in spans.values() for p in r})
+        if keep_arg:
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=torch.tensor(keep)).logits
+            col = {p: j for j, p in enumerate(keep)}  # position -> column of the kept logits
+        else:
+            logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
+            col = {p: p for p in keep}
         for row, i in enumerate(batch):
-            L, k = lengths[i], n_cont[i]
-            logp = torch.log_softmax(logits[row, L - k:L].float(), dim=-1)  # [k, V]
-            target = torch.tensor(requests[i].continuation[-k:])
+            cols = torch.tensor([col[p] for p in spans[i]])
+            logp = torch.log_softmax(logits[row, cols].float(), dim=-1)  # [k, V]
+            target = torch.tensor(requests[i].continuation[-n_cont[i]:])
             ll = float(logp.gather(1, target[:, None]).sum())
             greedy = bool((logp.argmax(-1) == target).all())
             out[i] = Score(ll, greedy)
