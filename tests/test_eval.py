@@ -363,12 +363,16 @@ def test_cli_eval_json_and_report(tiny_folder, tmp_path, capsys):
     assert (tmp_path / "rep" / "report.md").exists()
 
 
-def test_cli_baseline_gives_two_columns(tiny_folder, tmp_path, capsys):
-    rc = main(["eval", "--model", str(tiny_folder), "--baseline", str(tiny_folder), "--tasks", "copa",
+def test_cli_baseline_gives_two_columns(tiny_folder, tmp_path, capsys, small_runs):
+    rc = main(["eval", "--model", str(tiny_folder), "--baseline", str(tiny_folder), "--tasks", "copa,speed",
                "--limit", "2", "--json", str(tmp_path / "r.json"), "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0 and "B vs A" in out
-    assert (tmp_path / "r.baseline.json").exists()
+    prefill = next(line for line in out.splitlines() if " prefill_ms " in line)
+    assert len(prefill.split()) == 5 and prefill.split()[-1].startswith("x")  # A, B and the ratio
+    assert "baseline_prefill_ms" not in out
+    base = json.loads((tmp_path / "r.baseline.json").read_text())
+    assert base["tasks"]["speed"]["prefill_ms"] > 0 and "copa" in base["tasks"]
 
 
 def _corrupt_folder(tmp_path: Path, tiny_folder: Path) -> Path:

@@ -67,7 +67,8 @@ def plot_quality(results: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     for ax, (task, metric) in zip(axes.flat, rows):
         vals = [value(r, task, metric) for r in results]
-        ax.bar(range(len(vals)), [v if v is not None else 0 for v in vals], color="tab:blue")
+        bars = ax.bar(range(len(vals)), [v if v is not None else 0 for v in vals], color="tab:blue")
+        ax.bar_label(bars, labels=["-" if v is None else f"{v:.4g}" for v in vals], fontsize=7)
         ax.set_xticks(range(len(vals)), labels, rotation=30, ha="right", fontsize=8)
         arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
         ax.set_title(f"{task} {metric} ({arrow})", fontsize=9)
@@ -103,6 +104,7 @@ def plot_size_quality(results: list[dict], path: Path) -> bool:
             x = value(r, *axis) / scale
             ax.scatter([x], [y])
             ax.annotate(lab, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.margins(0.2)
         ax.set_xlabel(f"{axis[1]} ({unit})", fontsize=8)
         ax.set_ylabel(f"{task} {metric}", fontsize=8)
     for ax in list(axes.flat)[len(rows):]:

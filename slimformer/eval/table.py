@@ -15,12 +15,18 @@ COUNT_KEYS = {"n", "windows"}
 
 
 def metric_rows(results: list[dict]) -> list[tuple[str, str]]:
-    """(task, metric) pairs with a numeric value in any run, in first-seen order."""
+    """(task, metric) pairs with a numeric value in any run, in first-seen order.
+
+    With several runs the ``baseline_*`` speed keys are left out: the baseline has its own
+    column then.
+    """
     rows: list[tuple[str, str]] = []
     for r in results:
         for task, metrics in r.get("tasks", {}).items():
             for key, v in metrics.items():
                 if key in HIDDEN or isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                if len(results) > 1 and key.startswith("baseline_"):
                     continue
                 if (task, key) not in rows:
                     rows.append((task, key))
