@@ -135,7 +135,7 @@ def compress(model: Any, recipe: Any, out_dir: Optional[str | os.PathLike] = Non
     try:
         writer = None
         if source is not None and tmp is not None:
-            writer = _block_writer(tmp)
+            writer = _block_writer(tmp, len(lm.arch.get_blocks(lm.model)))
         if cal.offload:
             # beside the output (same disk the user chose for big files), never inside it
             base = out.parent if out is not None else Path(tempfile.gettempdir())
@@ -196,15 +196,15 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
 
 
-def _block_writer(tmp: Path):
-    """For streamed runs: the formats package's incremental writer (``add(i, name, block)``
-    writes one compressed block into ``tmp`` and may release it; ``finish(lm, meta)`` writes
-    the rest and the config), or ``None`` — then compressed blocks stay packed in memory and
-    are saved at the end with ``save_compressed``."""
+def _block_writer(tmp: Path, n_blocks: int):
+    """For streamed runs: writes each compressed block into ``tmp`` as soon as it is done and
+    releases it (``add(i, name, block)``), then the rest (``finish(lm, meta)``). The formats
+    package's ``StreamingWriter`` when it has one, else the engine's shard writer."""
     try:
         from slimformer.formats import StreamingWriter
+
+        return StreamingWriter(tmp, n_blocks)
     except ImportError:
-        log.warning("slimformer.formats has no StreamingWriter: compressed blocks stay in memory "
-                    "until the final save")
-        return None
-    return StreamingWriter(tmp)
+        from slimformer.engine.writer import BlockShardWriter
+
+        return BlockShardWriter(tmp, n_blocks)

@@ -172,3 +172,40 @@ def test_cli_compress_refuses_and_writes(tmp_path):
     assert main(["compress", "--model", "nonexistent-xyz", "--recipe", "w4-g64", "--out", str(out)]) == 2
     assert main(["compress", "--recipe", "w9", "--out", str(tmp_path / "p")]) == 2
     assert not (tmp_path / "p").exists()
+
+
+def test_streamed_output_written_block_by_block(tmp_path):
+    import json
+
+    src = tiny_model("llama")
+    d = tmp_path / "hf"
+    src.model.save_pretrained(d, max_shard_size="100KB")
+    src.tokenizer.save_pretrained(d)
+    out = tmp_path / "out"
+    mem = slimformer.compress(tiny_model("llama"), "w8a8", progress=False)
+    try:
+        slimformer.compress(str(d), "w8a8", out_dir=out, stream=True, progress=False)
+    except SlimformerError as e:  # only the final reload may fail (see below)
+        if "model.safetensors" not in str(e):
+            raise
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == 3 + 1  # one shard per block, one for the rest
+    assert "model.layers.1.mlp.down_proj.weight" in index["weight_map"]
+    doc = json.loads((out / "slimformer.json").read_text())
+    assert len(doc["modules"]) == 3 * 7 and doc["meta"]["recipe"]["stages"][0]["method"] == "w8a8"
+    # every stored tensor equals what the in-memory save would store for that module
+    from slimformer.engine.streaming import SafetensorsSource
+    from slimformer.formats.serialize import _module_tensors
+
+    src = SafetensorsSource(out)
+    for name in doc["modules"]:
+        want, _ = _module_tensors(name, mem.model.get_submodule(name))
+        for k, t in want.items():
+            assert torch.equal(src.get(k, t.dtype), t), k
+    try:
+        back = slimformer.load(out)
+    except SlimformerError as e:  # formats.load_compressed does not read sharded folders yet
+        pytest.xfail(f"load of a sharded compressed folder: {e}")
+    x = _ids()
+    assert torch.equal(_logits(back, x), _logits(mem, x))

@@ -44,16 +44,6 @@ class SafetensorsSource:
                 self.files = {k: self.folder / SINGLE_NAME for k in f.keys()}
         else:
             raise SlimformerError(f"folder '{folder}' has no {SINGLE_NAME} or {INDEX_NAME} to stream from")
-        self._handles: dict[Path, object] = {}
-
-    def _handle(self, path: Path):
-        from safetensors import safe_open
-
-        if path not in self._handles:
-            if not path.exists():
-                raise SlimformerError(f"shard '{path}' named in the index is missing")
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path]
 
     def key_for(self, name: str) -> Optional[str]:
         """The checkpoint key of a model tensor name (HF checkpoints of task heads may omit
@@ -65,15 +55,36 @@ class SafetensorsSource:
             return parts[1]
         return None
 
-    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        key = self.key_for(name)
-        if key is None:
-            raise SlimformerError(f"tensor '{name}' is not in the checkpoint at '{self.folder}'")
-        t = self._handle(self.files[key]).get_tensor(key)
-        return t.to(dtype) if t.is_floating_point() else t
+    def get_many(self, names: list[str], dtype: Optional[torch.dtype] = torch.float32) -> dict[str, torch.Tensor]:
+        """Read tensors by model name, opening each shard once and closing it right after:
+        ``safe_open`` memory-maps the file and the pages it touched would otherwise stay
+        resident (and count in RSS) for the whole run."""
+        from safetensors import safe_open
 
-    def close(self) -> None:
-        self._handles.clear()
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for n in names:
+            key = self.key_for(n)
+            if key is None:
+                raise SlimformerError(f"tensor '{n}' is not in the checkpoint at '{self.folder}'")
+            by_file.setdefault(self.files[key], []).append((n, key))
+        out: dict[str, torch.Tensor] = {}
+        for path in sorted(by_file):
+            if not path.exists():
+                raise SlimformerError(f"shard '{path}' named in the index is missing")
+            with safe_open(str(path), framework="pt") as f:
+                for n, key in by_file[path]:
+                    t = f.get_tensor(key)
+                    # a private copy, so nothing keeps the mapping alive after close
+                    out[n] = t.to(dtype, copy=True) if t.is_floating_point() and dtype is not None else t.clone()
+                    del t
+            del f
+        return out
+
+    def get(self, name: str, dtype: Optional[torch.dtype] = torch.float32) -> torch.Tensor:
+        return self.get_many([name], dtype)[name]
+
+    def close(self) -> None:  # kept for symmetry: no handle outlives a read
+        pass
 
 
 def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -89,9 +100,10 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 def materialize(module: nn.Module, prefix: str, source: SafetensorsSource,
                 dtype: torch.dtype = torch.float32) -> None:
     """Load every ``meta`` parameter/buffer of ``module`` (full names ``prefix + name``)."""
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if t.is_meta:
-            _assign(module, name, source.get(prefix + name, dtype))
+    names = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    loaded = source.get_many([prefix + n for n in names], dtype)
+    for n in names:
+        _assign(module, n, loaded.pop(prefix + n))
 
 
 def release(module: nn.Module) -> None:
@@ -124,12 +136,11 @@ def build_meta_model(folder: str | Path, dtype: torch.dtype = torch.float32):
         model = auto.from_config(cfg, dtype=dtype)
     model.eval()
     block_path = arch.block_path(model)
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
-        if t.is_meta and not name.startswith(block_path + "."):
-            key = source.key_for(name)
-            if key is None:
-                continue  # tied head: filled by tie_weights below
-            _assign(model, name, source.get(name, dtype))
+    wanted = [n for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+              if t.is_meta and not n.startswith(block_path + ".")
+              and source.key_for(n) is not None]  # a tied head is absent: tied below
+    for n, t in source.get_many(wanted, dtype).items():
+        _assign(model, n, t)
     if getattr(cfg, "tie_word_embeddings", False) and arch.head:
         head = model.get_submodule(arch.resolve(model, arch.head))
         emb = model.get_input_embeddings()
