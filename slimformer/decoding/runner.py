@@ -1,0 +1,294 @@
+"""Run a causal LM block by block against our static KV cache.
+
+Why not call the HF model: with a 135M model on a CPU, HF's ``forward`` spends most of each
+decode step building masks, cache objects and output dataclasses (measured: see
+benchmarks/RESULTS.md). We keep HF's *modules* — embeddings, norms, projections, MLPs, the
+rotary table and the LM head are called as they are, so any replacement that behaves like
+``nn.Linear`` (packed W4, W8A8, pruned, low-rank) works unchanged — and only own the glue:
+positions, attention over the cache, and residual wiring.
+
+Modules are found through the :class:`~slimformer.models.registry.ArchSpec` paths. The wiring
+that the registry does not describe (where positions enter, pre- vs post-norm, query scaling)
+is one small adapter per family below.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimformer.decoding.cache import StaticKVCache, StepLayout, advance, step_layout, write_kv
+from slimformer.errors import SlimformerError
+from slimformer.models.registry import get_module
+
+log = logging.getLogger(__name__)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] on the last dim (the rotary convention of Llama checkpoints)."""
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, q, D]; cos, sin: [B, q, D]."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+@dataclass
+class _Block:
+    """The modules of one block, resolved once (attribute lookups are per-step overhead)."""
+
+    norm1: nn.Module
+    norm2: nn.Module
+    q: Optional[nn.Module]
+    k: Optional[nn.Module]
+    v: Optional[nn.Module]
+    qkv: Optional[nn.Module]
+    o: nn.Module
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+    q_norm: Optional[nn.Module] = None
+    k_norm: Optional[nn.Module] = None
+    pre_norm: bool = True
+    q_scale: Optional[float] = None  # OPT multiplies q after its projection (then SDPA scale 1)
+
+
+class CausalRunner:
+    """Prefill/decode/verify forwards of a causal LM over a :class:`StaticKVCache`.
+
+    ``exit_layer`` < number of blocks makes this an early-exit model: the first ``exit_layer``
+    blocks, then the final norm and LM head (the self-draft of speculative decoding).
+    """
+
+    def __init__(self, lm, exit_layer: Optional[int] = None):
+        spec = lm.arch
+        if spec.kind != "causal-lm":
+            raise SlimformerError(f"generation needs a causal LM; '{lm.name}' is a {spec.kind} model")
+        if spec.name not in _FAMILIES:
+            raise SlimformerError(f"decoding does not support architecture '{spec.name}' yet")
+        self.lm, self.spec, self.model = lm, spec, lm.model
+        cfg = self.model.config
+        self.config = cfg
+        layout = spec.head_layout(cfg)
+        self.num_heads, self.num_kv_heads = layout["num_heads"], layout["num_kv_heads"]
+        self.head_dim = layout["head_dim"]
+        self.family = spec.name
+        blocks = spec.get_blocks(self.model)
+        n = len(blocks)
+        self.exit_layer = n if exit_layer is None else exit_layer
+        if not 1 <= self.exit_layer <= n:
+            raise SlimformerError(f"exit layer must be in 1..{n}, got {exit_layer}")
+        self.blocks = [_FAMILIES[self.family].block(b, spec, cfg) for b in list(blocks)[: self.exit_layer]]
+        emb = [get_module(self.model, spec.resolve(self.model, e)) for e in spec.embeddings]
+        self.embed_tokens = emb[0]
+        self.embed_positions = emb[1] if len(emb) > 1 else None
+        fn = spec.resolve(self.model, spec.final_norm)
+        self.final_norm = get_module(self.model, fn) if fn else None
+        self.head = get_module(self.model, spec.resolve(self.model, spec.head))
+        self.rotary = None
+        for extra in spec.extras:
+            path = spec.resolve(self.model, extra)
+            if path and extra.endswith("rotary_emb"):
+                self.rotary = get_module(self.model, path)
+        self.scales = [_FAMILIES[self.family].scale(cfg, i, self.head_dim) for i in range(self.exit_layer)]
+        self.max_positions = _max_positions(cfg)
+        p = next(self.model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        self.vocab_size = _head_out_features(self.head, cfg)
+        self._family = _FAMILIES[self.family]
+        self._family.check(self.model, cfg)
+
+    # ---- cache --------------------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int) -> StaticKVCache:
+        return StaticKVCache.allocate(self.exit_layer, batch, self.num_kv_heads, self.head_dim,
+                                      capacity, self.dtype, self.device)
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor, cache: StaticKVCache, last_only: bool = False) -> torch.Tensor:
+        """Feed ``ids`` [B, q] after what the cache holds; returns logits [B, q|1, V] (fp32).
+
+        ``last_only`` computes the LM head for the last position only: prefill of plain
+        generation needs just one next-token distribution, and the head is the largest matmul.
+        """
+        layout = step_layout(cache, ids.shape[1])
+        x = self.hidden(ids, cache, layout)
+        if last_only:
+            x = x[:, -1:]
+        return self.logits(x)
+
+    def hidden(self, ids: torch.Tensor, cache: StaticKVCache, layout: StepLayout) -> torch.Tensor:
+        """Hidden state after the last run block (before the final norm): [B, q, hidden]."""
+        fam = self._family
+        x = fam.embed(self, ids, layout.positions)  # [B, q, hidden]
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(x, layout.positions)  # cos, sin: [B, q, D]
+        for i, blk in enumerate(self.blocks):
+            x = self._block(i, blk, x, cache, layout, rope)
+        advance(cache, layout.q)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._family.final(self, x)
+        return self.head(x).float()
+
+    def _block(self, i: int, blk: _Block, x: torch.Tensor, cache: StaticKVCache,
+               layout: StepLayout, rope) -> torch.Tensor:
+        B, q, _ = x.shape
+        h = blk.norm1(x) if blk.pre_norm else x
+        if blk.qkv is not None:
+            qs, ks, vs = blk.qkv(h).split(self.num_heads * self.head_dim, dim=2)
+        else:
+            qs, ks, vs = blk.q(h), blk.k(h), blk.v(h)
+        if blk.q_scale is not None:
+            qs = qs * blk.q_scale
+        qs = qs.view(B, q, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, q, D]
+        ks = ks.view(B, q, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, q, D]
+        vs = vs.view(B, q, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if blk.q_norm is not None:
+            qs, ks = blk.q_norm(qs), blk.k_norm(ks)
+        if rope is not None:
+            cos, sin = rope
+            qs, ks = apply_rotary(qs, cos, sin), apply_rotary(ks, cos, sin)
+        K, V = write_kv(cache, i, ks, vs, layout)  # [B, Hkv, kv_len, D]
+        a = F.scaled_dot_product_attention(
+            qs, K, V, attn_mask=layout.mask, is_causal=layout.is_causal, scale=self.scales[i],
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # [B, H, q, D]
+        a = blk.o(a.transpose(1, 2).reshape(B, q, self.num_heads * self.head_dim))
+        x = x + a
+        if not blk.pre_norm:
+            x = blk.norm1(x)
+        h = blk.norm2(x) if blk.pre_norm else x
+        x = x + blk.mlp(h)
+        if not blk.pre_norm:
+            x = blk.norm2(x)
+        return x
+
+    def prefill(self, ids: torch.Tensor, start: torch.Tensor, cache: StaticKVCache,
+                last_only: bool = True) -> torch.Tensor:
+        """Left-padded prompts ``ids`` [B, P] with ``start[b]`` pad slots into an empty cache."""
+        cache.start = start.clone()
+        cache.length = torch.zeros_like(start)
+        return self.forward(ids, cache, last_only=last_only)
+
+
+def _max_positions(cfg) -> Optional[int]:
+    for attr in ("max_position_embeddings", "n_positions"):
+        v = getattr(cfg, attr, None)
+        if v:
+            return int(v)
+    return None
+
+
+def _head_out_features(head: nn.Module, cfg) -> int:
+    n = getattr(head, "out_features", None)
+    if n is None and hasattr(head, "weight"):
+        n = head.weight.shape[0]
+    return int(n or cfg.vocab_size)
+
+
+# ---- family adapters --------------------------------------------------------------------
+class _Llama:
+    @staticmethod
+    def block(b: nn.Module, spec, cfg) -> _Block:
+        a = spec.attention
+        attn = get_module(b, a.o.rsplit(".", 1)[0])
+        return _Block(norm1=get_module(b, spec.norms[0]), norm2=get_module(b, spec.norms[1]),
+                      q=get_module(b, a.q), k=get_module(b, a.k), v=get_module(b, a.v), qkv=None,
+                      o=get_module(b, a.o), mlp=get_module(b, spec.mlp.up.rsplit(".", 1)[0]),
+                      q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
+
+    @staticmethod
+    def scale(cfg, i: int, head_dim: int) -> float:
+        return head_dim ** -0.5
+
+    @staticmethod
+    def embed(r: CausalRunner, ids, positions):
+        return r.embed_tokens(ids)
+
+    @staticmethod
+    def final(r: CausalRunner, x):
+        return r.final_norm(x)
+
+    @staticmethod
+    def check(model, cfg) -> None:
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", False):
+            raise SlimformerError("sliding-window attention is not supported by the decoding loop")
+
+
+class _GPT2:
+    @staticmethod
+    def block(b: nn.Module, spec, cfg) -> _Block:
+        a = spec.attention
+        return _Block(norm1=get_module(b, spec.norms[0]), norm2=get_module(b, spec.norms[1]),
+                      q=None, k=None, v=None, qkv=get_module(b, a.fused_qkv), o=get_module(b, a.o),
+                      mlp=get_module(b, spec.mlp.up.rsplit(".", 1)[0]))
+
+    @staticmethod
+    def scale(cfg, i: int, head_dim: int) -> float:
+        s = head_dim ** -0.5 if getattr(cfg, "scale_attn_weights", True) else 1.0
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+            s /= float(i + 1)
+        return s
+
+    @staticmethod
+    def embed(r: CausalRunner, ids, positions):
+        return r.embed_tokens(ids) + r.embed_positions(positions)
+
+    @staticmethod
+    def final(r: CausalRunner, x):
+        return r.final_norm(x)
+
+    @staticmethod
+    def check(model, cfg) -> None:
+        if getattr(cfg, "add_cross_attention", False):
+            raise SlimformerError("GPT-2 with cross-attention is not a plain causal LM")
+
+
+class _OPT:
+    @staticmethod
+    def block(b: nn.Module, spec, cfg) -> _Block:
+        a = spec.attention
+        fc1, fc2, act = get_module(b, spec.mlp.up), get_module(b, spec.mlp.down), b.activation_fn
+
+        def mlp(h: torch.Tensor) -> torch.Tensor:
+            return fc2(act(fc1(h)))
+
+        return _Block(norm1=get_module(b, spec.norms[0]), norm2=get_module(b, spec.norms[1]),
+                      q=get_module(b, a.q), k=get_module(b, a.k), v=get_module(b, a.v), qkv=None,
+                      o=get_module(b, a.o), mlp=mlp, pre_norm=bool(cfg.do_layer_norm_before),
+                      q_scale=(cfg.hidden_size // cfg.num_attention_heads) ** -0.5)
+
+    @staticmethod
+    def scale(cfg, i: int, head_dim: int) -> float:
+        # q is already scaled right after its projection, as in the reference implementation
+        return 1.0
+
+    @staticmethod
+    def embed(r: CausalRunner, ids, positions):
+        x = r.embed_tokens(ids)
+        proj_in = getattr(r.model.model.decoder, "project_in", None)
+        if proj_in is not None:
+            x = proj_in(x)
+        pe = r.embed_positions
+        return x + nn.Embedding.forward(pe, positions + getattr(pe, "offset", 0))
+
+    @staticmethod
+    def final(r: CausalRunner, x):
+        if r.final_norm is not None:
+            x = r.final_norm(x)
+        proj_out = getattr(r.model.model.decoder, "project_out", None)
+        return proj_out(x) if proj_out is not None else x
+
+    @staticmethod
+    def check(model, cfg) -> None:
+        pass
+
+
+_FAMILIES = {"llama": _Llama, "gpt2": _GPT2, "opt": _OPT}

@@ -1,0 +1,56 @@
+"""How fast decoding could be: memory bandwidth and bytes of weights read per token.
+
+A batch-1 decode step reads every weight of every block and the LM head once, so
+``bandwidth / weight_bytes_per_token`` is the roofline for tokens/s; reporting measured decode
+speed as a fraction of it says how much is left to gain (and makes W8A8/W4 comparable).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+
+def measure_bandwidth(mbytes: int = 256, repeats: int = 7) -> float:
+    """Bytes/s of a large tensor copy (each copy reads and writes ``mbytes``): median of repeats."""
+    n = mbytes * 2**20 // 4
+    src = torch.ones(n, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        rates.append(2 * src.numel() * 4 / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def _module_bytes(mods: list[nn.Module]) -> int:
+    """Bytes of the distinct parameters and buffers (packed codes, scales) of ``mods``."""
+    seen, total = set(), 0
+    for m in mods:
+        for t in list(m.parameters()) + list(m.buffers()):
+            key = (t.data_ptr(), t.numel())
+            if key in seen:
+                continue
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def weight_bytes_per_token(runner) -> int:
+    """Bytes a batch-1 decode step must read: the run blocks, the final norm and the LM head.
+
+    The token embedding is a row lookup and is not counted (unless tied to the head, where the
+    head reads it in full); rotary tables are negligible.
+    """
+    blocks = runner.spec.get_blocks(runner.model)[: runner.exit_layer]
+    mods = list(blocks) + [runner.head] + ([runner.final_norm] if runner.final_norm is not None else [])
+    return _module_bytes(mods)
+
+
+def bandwidth_limit(bandwidth: float, bytes_per_token: int) -> float:
+    """Upper bound on decode tokens/s at batch 1."""
+    return bandwidth / bytes_per_token

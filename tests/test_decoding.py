@@ -1,0 +1,119 @@
+"""The plain decode loop: equality with HF greedy, batching, sampling, stops, bad input."""
+import pytest
+import torch
+import torch.nn as nn
+
+from slimformer.decoding import CausalRunner, SamplingConfig, generate
+from slimformer.errors import ConfigError, SlimformerError
+from slimformer.models import get_module, set_module, tiny_model
+
+CAUSAL = ["llama", "gpt2", "opt"]
+PROMPTS = ["Hello world, this is", "ab", "The quick brown fox jumps over the"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls only lose to OpenMP synchronisation on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def hf_greedy(lm, ids: list[int], n: int) -> list[int]:
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        y = lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=256)
+    return y[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module", params=CAUSAL)
+def lm(request):
+    return tiny_model(request.param)
+
+
+def test_greedy_equals_hf_generate(lm):
+    for p in PROMPTS:
+        ours = generate(lm, p, 24, stop_on_eos=False)
+        assert ours.tokens[0] == hf_greedy(lm, ours.prompt_tokens[0], 24), (lm.name, p)
+
+
+def test_batch_of_different_lengths_equals_each_alone(lm):
+    batch = generate(lm, PROMPTS, 20, stop_on_eos=False).tokens
+    alone = [generate(lm, p, 20, stop_on_eos=False).tokens[0] for p in PROMPTS]
+    assert batch == alone
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(lm):
+    cfg = SamplingConfig(temperature=0.8, top_k=20, top_p=0.9)
+    a = generate(lm, PROMPTS, 16, sampling=cfg, seed=3, stop_on_eos=False).tokens
+    b = generate(lm, PROMPTS, 16, sampling=cfg, seed=3, stop_on_eos=False).tokens
+    c = generate(lm, PROMPTS, 16, sampling=cfg, seed=4, stop_on_eos=False).tokens
+    assert a == b and a != c
+    greedy = generate(lm, PROMPTS, 16, stop_on_eos=False).tokens
+    top1 = generate(lm, PROMPTS, 16, sampling=SamplingConfig(temperature=1.0, top_k=1),
+                    seed=5, stop_on_eos=False).tokens
+    assert top1 == greedy
+
+
+def test_eos_stops_each_row_independently(lm):
+    greedy = generate(lm, PROMPTS, 12, stop_on_eos=False).tokens
+    eos = greedy[0][4]  # row 0 stops at its 5th token (others at theirs, if they emit it)
+    out = generate(lm, PROMPTS, 12, eos_token_ids=[eos]).tokens
+    for g, o in zip(greedy, out):
+        cut = g[: g.index(eos) + 1] if eos in g else g
+        assert o == cut
+    assert out[0][-1] == eos and len(out[0]) <= 5
+
+
+class TransposedLinear(nn.Module):
+    """Behaves like nn.Linear but stores W^T: stands in for packed/quantized replacements."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.wt = nn.Parameter(lin.weight.detach().t().contiguous())
+        self.bias = lin.bias
+
+    def forward(self, x):
+        y = x @ self.wt
+        return y + self.bias if self.bias is not None else y
+
+
+def test_works_with_linear_replacements():
+    lm = tiny_model("llama")
+    ref = generate(lm, PROMPTS, 12, stop_on_eos=False).tokens
+    for name, mod in list(lm.model.named_modules()):
+        if isinstance(mod, nn.Linear) and ".layers." in name:
+            set_module(lm.model, name, TransposedLinear(mod))
+    assert generate(lm, PROMPTS, 12, stop_on_eos=False).tokens == ref
+
+
+def test_stop_strings():
+    lm = tiny_model("gpt2")
+    full = generate(lm, "abc", 16, stop_on_eos=False)
+    stop = full.texts[0][3:5]
+    if not stop.strip():
+        pytest.skip("random model emitted whitespace")
+    out = generate(lm, "abc", 16, stop_on_eos=False, stop=[stop])
+    assert stop in out.texts[0] and len(out.tokens[0]) < len(full.tokens[0])
+
+
+def test_bad_inputs():
+    lm = tiny_model("llama")
+    with pytest.raises(SlimformerError, match="empty"):
+        generate(lm, "", 4)
+    with pytest.raises(SlimformerError, match="empty"):
+        generate(lm, [[1, 2], []], 4)
+    with pytest.raises(SlimformerError, match="context"):
+        generate(lm, [1] * 600, 4)  # tiny context is 512
+    with pytest.raises(SlimformerError, match="context"):
+        generate(lm, [1] * 500, 40)
+    with pytest.raises(SlimformerError, match="max_new_tokens"):
+        generate(lm, "hi", 0)
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingConfig(temperature=-1)
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingConfig(temperature=1, top_p=0)
+    with pytest.raises(SlimformerError, match="causal"):
+        CausalRunner(tiny_model("bert"))
