@@ -18,6 +18,7 @@ from slimformer.errors import SlimformerError
 COMMAND_MODULES = (
     "slimformer.eval.cli",
     "slimformer.engine.cli",
+    "slimformer.decoding.cli",
 )
 
 _DEBUG = {"on": False}

@@ -117,3 +117,21 @@ def test_bad_inputs():
         SamplingConfig(temperature=1, top_p=0)
     with pytest.raises(SlimformerError, match="causal"):
         CausalRunner(tiny_model("bert"))
+
+
+def test_cli_generate_plain_and_speculative(monkeypatch, capsys):
+    import slimformer.models as models
+    from slimformer.cli import main
+
+    monkeypatch.setattr(models, "load", lambda name, **kw: tiny_model("llama"))
+    assert main(["generate", "--model", "x", "--prompt", "abcabc", "-n", "8"]) == 0
+    plain = capsys.readouterr()
+    assert "tokens/s" in plain.err and plain.out.startswith("abcabc")
+    assert main(["generate", "--model", "x", "--prompt", "abcabc", "-n", "8", "--prompt-lookup"]) == 0
+    spec = capsys.readouterr()
+    assert "acceptance" in spec.err and spec.out == plain.out
+    assert main(["generate", "--model", "x", "--prompt", "abc", "--prompt-lookup",
+                 "--self-draft-layers", "1"]) == 2
+    assert main(["generate", "--model", "x", "--prompt", "abc", "--self-draft-layers", "1",
+                 "-k", "0"]) == 2
+    assert "draft length" in capsys.readouterr().err

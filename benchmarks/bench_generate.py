@@ -1,0 +1,106 @@
+"""Our decode loop vs Hugging Face ``generate``: same process, same prompts, interleaved runs.
+
+Reports median tokens/s of each, their ratio, whether the tokens are identical, and our decode
+tokens/s as a fraction of the memory-bandwidth limit (bandwidth / bytes of weights read per
+token; bandwidth measured with a large tensor copy in this process).
+
+    python benchmarks/bench_generate.py --model smollm2-135m --prompts 3 --runs 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+
+import torch
+
+from slimformer.data import wikitext2_test_text
+from slimformer.decoding import CausalRunner, generate
+from slimformer.decoding.speed import bandwidth_limit, measure_bandwidth, weight_bytes_per_token
+from slimformer.models import load
+
+log = logging.getLogger("bench_generate")
+
+
+def wikitext_prompts(tok, n: int, length: int) -> list[list[int]]:
+    """``n`` prompts of exactly ``length`` tokens from distinct WikiText-2 paragraphs."""
+    paras = [p.strip() for p in wikitext2_test_text().split("\n\n") if len(p.strip()) > 600]
+    out = []
+    for p in paras:
+        ids = tok(p)["input_ids"]
+        if len(ids) >= length:
+            out.append(ids[:length])
+        if len(out) == n:
+            break
+    return out
+
+
+def hf_generate(lm, ids: list[int], max_new: int) -> tuple[list[int], float]:
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        t = time.perf_counter()
+        y = lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
+                              do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
+        dt = time.perf_counter() - t
+    return y[0, len(ids):].tolist(), dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3, help="interleaved repetitions per prompt")
+    ap.add_argument("--no-hf", action="store_true", help="only our loop (e.g. for compressed models)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0 = leave as is); 1 avoids OpenMP thrashing on a shared, oversubscribed CPU")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    lm = load(args.model)
+    runner = CausalRunner(lm)
+    prompts = wikitext_prompts(lm.tokenizer, args.prompts, args.prompt_len)
+    generate(lm, prompts[0], 8, runner=runner)  # warm-up
+    ours_tps, ours_dec, hf_tps, identical = [], [], [], []
+    for r in range(args.runs):
+        for i, p in enumerate(prompts):
+            res = generate(lm, p, args.max_new, runner=runner)
+            ours_tps.append(res.tokens_per_s)
+            ours_dec.append((res.num_new_tokens - 1) / res.decode_s)
+            line = f"run {r} prompt {i}: ours {res.tokens_per_s:.1f} tok/s"
+            if not args.no_hf:
+                toks, dt = hf_generate(lm, p, args.max_new)
+                hf_tps.append(len(toks) / dt)
+                identical.append(toks == res.tokens[0])
+                line += f"  hf {hf_tps[-1]:.1f} tok/s  identical={identical[-1]}"
+            log.info(line)
+    bw = measure_bandwidth()
+    bpt = weight_bytes_per_token(runner)
+    limit = bandwidth_limit(bw, bpt)
+    out = {
+        "model": args.model, "prompts": len(prompts), "prompt_len": args.prompt_len,
+        "max_new": args.max_new, "runs": args.runs, "threads": torch.get_num_threads(),
+        "ours_tok_s_median": statistics.median(ours_tps),
+        "ours_decode_tok_s_median": statistics.median(ours_dec),
+        "bandwidth_GBps": bw / 1e9, "weight_MB_per_token": bpt / 1e6,
+        "bandwidth_limit_tok_s": limit,
+        "decode_fraction_of_bandwidth_limit": statistics.median(ours_dec) / limit,
+    }
+    if hf_tps:
+        out.update(hf_tok_s_median=statistics.median(hf_tps),
+                   ratio_ours_over_hf=statistics.median(ours_tps) / statistics.median(hf_tps),
+                   tokens_identical=all(identical))
+    print(json.dumps(out, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
