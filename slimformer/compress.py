@@ -106,7 +106,7 @@ def _max_positions(config) -> Optional[int]:
 
 def compress(model: Any, recipe: Any, out_dir: Optional[str | os.PathLike] = None,
              calibration: Optional[CalibrationConfig | dict] = None, overwrite: bool = False,
-             stream: bool = False, progress: bool = True):
+             stream: bool = False, progress: bool = True, reload: bool = True):
     """Compress ``model`` (bundled name, HF folder, .gguf, or a LoadedModel — modified in
     place) with ``recipe`` (a named recipe, YAML path/text, Recipe or stage config).
 
@@ -114,8 +114,9 @@ def compress(model: Any, recipe: Any, out_dir: Optional[str | os.PathLike] = Non
     ``overwrite``). ``stream=True`` builds the model on ``meta`` from an HF folder and reads
     each block's weights from safetensors when it is processed, and — with ``out_dir`` —
     writes each compressed block out and drops it, so peak memory is about one block.
-    Returns the compressed :class:`~slimformer.models.LoadedModel` (for a streamed run with
-    ``out_dir``, reloaded from the folder).
+    Returns the compressed :class:`~slimformer.models.LoadedModel`; a streamed run with
+    ``out_dir`` has dropped its blocks, so it returns the folder reloaded — or ``None`` with
+    ``reload=False`` (the result is on disk; e.g. to measure compression memory alone).
     """
     t0 = time.perf_counter()
     rec: Recipe = load_recipe(recipe)
@@ -162,7 +163,9 @@ def compress(model: Any, recipe: Any, out_dir: Optional[str | os.PathLike] = Non
         if source is not None:
             source.close()
     log.info("compressed %s with %s in %.1fs -> %s", lm.name, rec.name or "recipe", time.perf_counter() - t0, out)
-    if source is not None:
+    if source is not None and out is not None:
+        if not reload:
+            return None
         from slimformer.models import load
 
         return load(out)
