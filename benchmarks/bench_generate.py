@@ -47,6 +47,30 @@ def hf_generate(lm, ids: list[int], max_new: int) -> tuple[list[int], float]:
     return y[0, len(ids):].tolist(), dt
 
 
+def step_times(lm, runner: CausalRunner, ids: list[int], steps: int) -> tuple[float, float]:
+    """Median seconds of ONE decode step, ours vs the HF model's forward with its DynamicCache,
+    alternating step by step (the finest interleaving: both see the same machine load)."""
+    from transformers import DynamicCache
+
+    x = torch.tensor([ids])
+    ours_t, hf_t = [], []
+    with torch.inference_mode():
+        cache = runner.new_cache(1, len(ids) + steps + 1)
+        tok_o = runner.prefill(x, torch.zeros(1, dtype=torch.long), cache)[:, -1].argmax(-1)
+        hf_cache = DynamicCache()
+        out = lm.model(x, past_key_values=hf_cache, use_cache=True)
+        tok_h = out.logits[:, -1].argmax(-1)
+        for _ in range(steps):
+            t = time.perf_counter()
+            tok_o = runner.forward(tok_o[:, None], cache)[:, -1].argmax(-1)
+            ours_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            out = lm.model(tok_h[:, None], past_key_values=hf_cache, use_cache=True)
+            tok_h = out.logits[:, -1].argmax(-1)
+            hf_t.append(time.perf_counter() - t)
+    return statistics.median(ours_t), statistics.median(hf_t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -54,6 +78,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3, help="interleaved repetitions per prompt")
+    ap.add_argument("--steps", type=int, default=0, help="also time N single decode steps, alternating")
     ap.add_argument("--no-hf", action="store_true", help="only our loop (e.g. for compressed models)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0 = leave as is); 1 avoids OpenMP thrashing on a shared, oversubscribed CPU")
@@ -92,6 +117,9 @@ def main() -> None:
         "bandwidth_limit_tok_s": limit,
         "decode_fraction_of_bandwidth_limit": statistics.median(ours_dec) / limit,
     }
+    if args.steps:
+        so, sh = step_times(lm, runner, prompts[0], args.steps)
+        out.update(step_ms_ours=1e3 * so, step_ms_hf_forward=1e3 * sh, step_ratio_hf_over_ours=sh / so)
     if hf_tps:
         out.update(hf_tok_s_median=statistics.median(hf_tps),
                    ratio_ours_over_hf=statistics.median(ours_tps) / statistics.median(hf_tps),

@@ -164,3 +164,17 @@ def test_bad_inputs():
         early_exit_draft(lm, 3)
     with pytest.raises(SlimformerError, match="ngram"):
         PromptLookupDraft(max_ngram=0)
+
+
+def test_w8a8_compressed_self_draft_is_lossless():
+    """The same model compressed (W8A8) as draft: greedy output is still exactly the target's."""
+    import copy
+
+    from slimformer import compress
+
+    lm = tiny_model("llama")
+    q = copy.deepcopy(lm)
+    compress(q, "w8a8", progress=False)
+    ref = generate(lm, PROMPTS, 16, stop_on_eos=False).tokens
+    out = speculative_generate(lm, PROMPTS, 16, draft=q, num_draft=4, stop_on_eos=False)
+    assert out.tokens == ref and out.stats["acceptance"] > 0.5
