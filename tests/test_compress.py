@@ -209,3 +209,26 @@ def test_streamed_output_written_block_by_block(tmp_path):
         pytest.xfail(f"load of a sharded compressed folder: {e}")
     x = _ids()
     assert torch.equal(_logits(back, x), _logits(mem, x))
+
+
+def test_cli_compress_with_eval_table(tmp_path, capsys):
+    import json
+
+    from slimformer.cli import main
+
+    src = tiny_model("llama")
+    d = tmp_path / "hf"
+    src.model.save_pretrained(d)
+    src.tokenizer.save_pretrained(d)
+    out, js = tmp_path / "o", tmp_path / "r.json"
+    rc = main(["compress", "--model", str(d), "--recipe", "w8a8-static", "--out", str(out), "--eval", "wikitext2",
+               "--limit", "1", "--json", str(js), "--calib-samples", "4", "--calib-len", "32", "--no-progress"])
+    assert rc == 0
+    assert (out / "slimformer.json").exists()
+    table = capsys.readouterr().out
+    assert "wikitext2" in table and table.count("\n") >= 3
+    res = json.loads(js.read_text())
+    before = res["before"]["tasks"]["wikitext2:quick"]["ppl"]
+    after = res["after"]["tasks"]["wikitext2:quick"]["ppl"]
+    assert 0 < before and abs(after / before - 1) < 0.05  # int8 barely moves a tiny model's PPL
+    assert main(["compress", "--model", str(d), "--recipe", "w8a8", "--out", str(out)]) == 2  # exists
