@@ -169,20 +169,20 @@ def main() -> int:
     t_ours = time.perf_counter() - t0
 
     ok = True
-    print(f"{'check':28s} {'reference':>12s} {'slimformer':>12s} {'difference':>14s} {'tolerance':>10s}  result")
+    print(f"{'check':36s} {'reference':>12s} {'slimformer':>12s} {'difference':>14s} {'tolerance':>10s}  result")
     if "ppl" in ref:
         (rp, rn), (sp, sn) = ref["ppl"], ours["ppl"]
         rel = abs(sp - rp) / rp
         good = rel <= PPL_TOL_REL and rn == sn
         ok &= good
-        print(f"{f'SmolLM2 {task} PPL ({sn} win)':28s} {rp:12.4f} {sp:12.4f} {100 * rel:13.4f}% {'1%':>10s}  "
+        print(f"{f'SmolLM2 {task} PPL ({sn} win)':36s} {rp:12.4f} {sp:12.4f} {100 * rel:13.4f}% {'1%':>10s}  "
               f"{'PASS' if good else 'FAIL'}")
     if "stsb" in ref:
         (rs, rn), (ss, sn) = ref["stsb"], ours["stsb"]
         diff = abs(ss - rs)
         good = diff <= STSB_TOL_POINTS and rn == sn
         ok &= good
-        print(f"{f'MiniLM STS-B Spearman ({sn})':28s} {rs:12.4f} {ss:12.4f} {diff:11.4f} pt {'0.2 pt':>10s}  "
+        print(f"{f'MiniLM STS-B Spearman ({sn})':36s} {rs:12.4f} {ss:12.4f} {diff:11.4f} pt {'0.2 pt':>10s}  "
               f"{'PASS' if good else 'FAIL'}")
     print(f"wall: reference {t_ref:.0f}s, slimformer {t_ours:.0f}s, threads {torch.get_num_threads()}")
     return 0 if ok else 1

@@ -251,6 +251,8 @@ def test_size_of_a_saved_folder_reads_its_files(tmp_path, tiny):
     assert 0 <= res["disk_weight_bytes"] - res["memory_bytes"] < 64 * 1024
     mem = evaluate(tiny["gpt2"], "size", progress=False)["tasks"]["size"]
     assert mem["disk_from"] == "save_pretrained" and mem["disk_weight_bytes"] == res["disk_weight_bytes"]
+    vit = evaluate(tiny["vit"], "size", progress=False)["tasks"]["size"]  # size fits every kind
+    assert vit["params"] == parameter_count(tiny["vit"].model) and vit["disk_bytes"] > 0
 
 
 @pytest.mark.parametrize("arch", CAUSAL)
