@@ -7,7 +7,7 @@ from slimformer.eval.common import check_limit, max_positions
 from slimformer.eval.encoders import embed, mean_pool, predict_logistic, train_logistic_probe
 from slimformer.eval.harness import DEFAULT_TASKS, TASKS, default_tasks, evaluate, parse_tasks
 from slimformer.eval.metrics import pearson, rankdata, spearman
-from slimformer.eval.perplexity import perplexity, tokenize_wikitext2
+from slimformer.eval.ppl import perplexity, tokenize_wikitext2
 from slimformer.eval.size import memory_bytes, parameter_count, size_metrics
 from slimformer.eval.speed import SpeedConfig, speed_metrics
 from slimformer.eval.table import format_markdown, format_table

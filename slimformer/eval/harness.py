@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from slimformer.errors import SlimformerError
-from slimformer.eval import encoders, perplexity, size, speed, zeroshot
+from slimformer.eval import encoders, ppl, size, speed, zeroshot
 from slimformer.eval.common import check_limit
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,9 @@ def _mc(name: str) -> Task:
 
 
 TASKS: dict[str, Task] = {
-    "wikitext2:quick": Task((CAUSAL,), lambda lm, limit, base, show: perplexity.wikitext2(lm, "quick", limit, show),
+    "wikitext2:quick": Task((CAUSAL,), lambda lm, limit, base, show: ppl.wikitext2(lm, "quick", limit, show),
                             "WikiText-2 test perplexity, first 16 windows of 2048 tokens"),
-    "wikitext2:full": Task((CAUSAL,), lambda lm, limit, base, show: perplexity.wikitext2(lm, "full", limit, show),
+    "wikitext2:full": Task((CAUSAL,), lambda lm, limit, base, show: ppl.wikitext2(lm, "full", limit, show),
                            "WikiText-2 test perplexity, all windows"),
     **{name: _mc(name) for name in zeroshot.PROMPTS},
     "lambada": Task((CAUSAL,), lambda lm, limit, base, show: zeroshot.lambada(lm, limit, show),
