@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from slimformer.engine.runner import EngineOptions, plan_stages, run
+from slimformer.engine.runner import EngineOptions, needs_calibration, plan_stages, run
 from slimformer.engine.stage import check_bool, check_int_range
 from slimformer.errors import ConfigError, SlimformerError
 from slimformer.recipe import Recipe, load_recipe
@@ -125,8 +125,9 @@ def compress(model: Any, recipe: Any, out_dir: Optional[str | os.PathLike] = Non
     if out is not None:
         check_output_dir(out, overwrite)
     lm, source = _load_model(model, stream)
-    plan_stages(lm, rec.stages)  # every target resolves, before any weight work
-    samples = calibration_inputs(lm, cal) if rec.needs_calibration or _overrides_calibrate(lm, rec) else None
+    planned = plan_stages(lm, rec.stages)  # every target resolves, before any weight work
+    needs_data = any(needs_calibration(p, m) for p, m in planned)  # per module: overrides count
+    samples = calibration_inputs(lm, cal) if needs_data else None
     options = EngineOptions(batch_size=cal.batch_size, progress=progress, seed=cal.seed)
     meta = {"recipe": rec.to_dict(), "calibration": asdict(cal) if samples is not None else None,
             "base_model": lm.name}
@@ -170,12 +171,6 @@ def compress(model: Any, recipe: Any, out_dir: Optional[str | os.PathLike] = Non
 
         return load(out)
     return lm
-
-
-def _overrides_calibrate(lm, rec: Recipe) -> bool:
-    from slimformer.engine.runner import _needs_calibration
-
-    return any(_needs_calibration(p, m) for p, m in plan_stages(lm, rec.stages))
 
 
 def _temp_dir(out: Path) -> Path:

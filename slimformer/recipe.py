@@ -29,8 +29,9 @@ from slimformer.engine.stage import StageConfig, load_builtin_stages, stage_meth
 from slimformer.errors import ConfigError
 
 RECIPE_VERSION = 1
-# the README's default: W4 g64 is the smallest model (<= 0.15x fp32 linears) whose quality loss
-# stays small; W8A8 is the fast one (see docs/RESULTS). Keep both one word away.
+# the README's default: W4 g64 makes the quantized linears ~7x smaller (the point of
+# "compress"); W8A8 is the one that makes the model faster at ~no quality cost
+# (benchmarks/RESULTS.md). Both are one word away: --recipe w8a8.
 DEFAULT_RECIPE = "w4-g64"
 
 

@@ -172,9 +172,9 @@ def run(lm, stages: Sequence[StageConfig], samples: Optional[torch.Tensor] = Non
     torch.manual_seed(options.seed)
     model, arch = lm.model, lm.arch
     planned = plan_stages(lm, stages)
-    calibrate = any(_needs_calibration(p, m) for p, m in planned)
+    calibrate = any(needs_calibration(p, m) for p, m in planned)
     if (calibrate or keep_outputs) and samples is None:
-        names = [p.config.METHOD for p, m in planned if _needs_calibration(p, m)]
+        names = [p.config.METHOD for p, m in planned if needs_calibration(p, m)]
         raise SlimformerError(f"stage(s) {', '.join(names) or 'engine'} need calibration samples")
     blocks = arch.get_blocks(model)
     block_path = arch.block_path(model)
@@ -243,7 +243,7 @@ def run(lm, stages: Sequence[StageConfig], samples: Optional[torch.Tensor] = Non
     return result
 
 
-def _needs_calibration(plan: StagePlan, method: StageMethod) -> bool:
+def needs_calibration(plan: StagePlan, method: StageMethod) -> bool:
     """Per module: an override may switch one layer to a calibrated variant."""
     return any(method.needs_calibration(c) for c in plan.modules.values())
 
