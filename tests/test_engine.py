@@ -14,6 +14,15 @@ ARCHS = ["llama", "gpt2", "opt", "bert", "vit"]
 SEEN: list = []
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core box threads only spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @dataclasses.dataclass(frozen=True)
 class IdentityConfig(StageConfig):
     """Test stage: observes everything, changes nothing, records what it was given."""
