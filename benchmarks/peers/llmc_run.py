@@ -197,7 +197,9 @@ def main() -> int:
            "stage": None, "model": str(a.model), "calib": str(a.calib) if a.calib else None,
            "out": str(a.out) if a.out else None, "symmetric": not a.asym,
            "bypass_divisibility_checks": a.bypass_divisibility,
-           "argv": sys.argv, "cpu_count": os.cpu_count()}
+           "argv": sys.argv, "cpu_count": os.cpu_count(),
+           # the machine is shared: wall times only compare between runs under similar load
+           "loadavg_start": os.getloadavg()}
 
     def write():
         a.json.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +260,7 @@ def main() -> int:
             finally:
                 res["wall_s"] = time.perf_counter() - t0
                 res["peak_rss_mb"] = rss_mb()
+                res["loadavg_after_compress"] = os.getloadavg()
                 write()
             log(f"oneshot done in {res['wall_s']:.1f}s, peak RSS {res['peak_rss_mb']:.0f} MB")
             if SCHEMES[a.scheme][0] in ("sparsegpt", "wanda"):
@@ -311,6 +314,7 @@ def main() -> int:
     except BaseException as e:  # noqa: BLE001 - record every failure, including SystemExit
         fail(res["stage"], e)
     res["peak_rss_mb_total"] = rss_mb()
+    res["loadavg_end"] = os.getloadavg()
     write()
     log(f"wrote {a.json}: ok={res['ok']} ppl_quick={res['ppl_quick']} error={res['error']}")
     return 0
