@@ -27,7 +27,7 @@ HEADING = "## W8A8 speed vs fp32 (engine owner)"
 
 def _smollm2(args) -> list[tuple[str, str, str, str]]:
     from slimformer import compress, load
-    from slimformer.eval.perplexity import wikitext2
+    from slimformer.eval.ppl import wikitext2
     from slimformer.eval.speed import SpeedConfig, speed_metrics
 
     base = load("smollm2-135m")

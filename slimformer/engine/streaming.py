@@ -113,6 +113,24 @@ def release(module: nn.Module) -> None:
             _assign(module, name, torch.empty_like(t, device="meta"))
 
 
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A streamed run frees a block's worth of mid-sized buffers (weights, codes, packed kernel
+    layouts) per block; glibc keeps such freed chunks in its arenas, and on a 3B model RSS
+    crept up ~80 MB per block (peak 4.9 GB) until this call after each block held it flat
+    (0.85 GB between blocks, peak 1.8 GB)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # musl or another libc: nothing to do
+        pass
+
+
 def build_meta_model(folder: str | Path, dtype: torch.dtype = torch.float32):
     """A :class:`LoadedModel` whose blocks are on ``meta`` and everything else is loaded.
 

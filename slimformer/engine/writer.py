@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimformer.engine.streaming import INDEX_NAME
+from slimformer.engine.streaming import INDEX_NAME, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class BlockShardWriter:
                 continue
             tensors[f"{name}.{n}"] = t.detach()
         self._write(index, tensors)
+        del tensors
         _drop(block)
+        trim_heap()
 
     def finish(self, lm, meta: dict) -> None:
         """Everything outside the blocks, the configs and (last) the marker file."""
