@@ -214,7 +214,7 @@ def run(lm, stages: Sequence[StageConfig], samples: Optional[torch.Tensor] = Non
                 if any(kinds.values()):
                     ctx.stats = _calibrate(block, kinds, states, rest)
                 method.apply(ctx, plan.config)
-            if propagate:
+            if propagate and (i + 1 < len(blocks) or keep_outputs):  # nothing reads the last block's outputs
                 nxt = ActivationCache(options.offload_dir)
                 for h, (a, kw) in zip(states, rest):
                     nxt.append(block_forward(block, h, a, kw))
