@@ -87,10 +87,12 @@ def main() -> int:
     log.setLevel(logging.INFO)
     torch.manual_seed(0)
     rows = _smollm2(args)
+    print(table(rows), flush=True)  # partial result first: the MiniLM part takes minutes more
     if not args.skip_minilm:
         rows += _minilm(args)
     out = table(rows)
-    print(out)
+    if not args.skip_minilm:
+        print(out)
     if args.append:
         cmd = "python " + " ".join(["benchmarks/bench_w8a8_speed.py"] + sys.argv[1:])
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
