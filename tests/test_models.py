@@ -1,5 +1,4 @@
 """Registry, tiny models, loaders and their bad-input errors."""
-import json
 import struct
 
 import pytest

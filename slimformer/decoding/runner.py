@@ -14,7 +14,6 @@ is one small adapter per family below.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 

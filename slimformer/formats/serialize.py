@@ -19,6 +19,7 @@ device from the config, swaps in the quantized modules built straight from the p
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -234,18 +235,18 @@ def load_compressed(path: str | os.PathLike):
         model = cls(cfg)
     model.eval()
 
-    wf = path / WEIGHTS_NAME
-    if not wf.exists():
-        raise SlimformerError(f"folder '{path}' has no {WEIGHTS_NAME}")
-    with safe_open(str(wf), framework="pt") as f:
-        keys = set(f.keys())
-        get = lambda k: f.get_tensor(k) if k in keys else None  # noqa: E731
+    files = _weight_files(path)
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
+        where = {k: h for h in handles for k in h.keys()}  # tensor name -> open shard
+        keys = set(where)
+        get = lambda k: where[k].get_tensor(k) if k in where else None  # noqa: E731
         for name, info in doc["modules"].items():
             set_module(model, name, _build_module(name, info, get))
         qnames = set(doc["modules"])
         # fresh, aligned storage: BLAS takes different (and differently rounded) paths for
         # misaligned inputs, which would break bit-identical logits after a load
-        rest = {k: _aligned(f.get_tensor(k)) for k in sorted(keys)
+        rest = {k: _aligned(where[k].get_tensor(k)) for k in sorted(keys)
                 if not any(k.startswith(q + ".") for q in qnames)}
     for k, t in rest.items():
         _assign(model, k, t, get_module)
@@ -257,7 +258,7 @@ def load_compressed(path: str | os.PathLike):
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if t is not None and t.device.type == "meta"]
     if left:
-        raise SlimformerError(f"'{wf}' lacks tensors for {', '.join(left[:5])}")
+        raise SlimformerError(f"'{path}' lacks tensors for {', '.join(left[:5])}")
     _fix_meta_attributes(model)
 
     tok = None
@@ -268,6 +269,26 @@ def load_compressed(path: str | os.PathLike):
             log.warning("no tokenizer in %s", path)
     return LoadedModel(model=model, tokenizer=tok, arch=arch, name=path.name, source=str(path),
                        meta=doc.get("meta", {}))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The folder's safetensors files: one ``model.safetensors``, or the shards named by
+    ``model.safetensors.index.json`` (streamed runs write one shard per block)."""
+    single = path / WEIGHTS_NAME
+    index = path / (WEIGHTS_NAME + ".index.json")
+    if single.exists():
+        return [single]
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise SlimformerError(f"'{index}' is unreadable: {type(e).__name__}")
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise SlimformerError(f"folder '{path}' lacks shards {', '.join(missing[:3])}")
+        return files
+    raise SlimformerError(f"folder '{path}' has no {WEIGHTS_NAME} (nor its shard index)")
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

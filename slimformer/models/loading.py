@@ -12,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -89,6 +89,7 @@ def _load_path(path: Path, dtype: torch.dtype) -> LoadedModel:
     if path.is_dir() and (path / COMPRESSED_CONFIG).exists():
         from slimformer.formats import load_compressed  # upper layer, imported lazily
 
+        _check_safetensors(path)
         return load_compressed(path)
     if path.is_file():
         if path.suffix != ".gguf":

@@ -13,7 +13,7 @@ relative to one block.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch.nn as nn
@@ -42,6 +42,24 @@ class MLPSpec:
 
 
 @dataclass(frozen=True)
+class SmoothGroup:
+    """A producer whose output channels feed ONLY the listed linears, so scaling channel j of
+    the producer's output by 1/s_j and the consumers' input column j by s_j leaves the block
+    unchanged (SmoothQuant's equivalent transformation).
+
+    ``prev`` is a norm (weight, and bias if any, are divided by s) or a linear (its output
+    rows and bias are divided by s). Between a producing linear and its consumers only ops
+    that commute with a positive per-channel scale are allowed: the product ``act(gate) * up``
+    (linear in ``up``), ReLU (positively homogeneous), attention's ``softmax(QKᵀ)·V`` (linear
+    in V, per channel, when every head has its own V — not under grouped-query attention,
+    where one V channel feeds several heads' o_proj columns).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     name: str
     model_types: tuple[str, ...]
@@ -61,6 +79,10 @@ class ArchSpec:
     hidden_size_attr: str = "hidden_size"
     num_layers_attr: str = "num_hidden_layers"
     intermediate_size_attr: Optional[str] = "intermediate_size"
+    # SmoothQuant: exact producer -> consumers groups per block (empty: none is exact), and
+    # config attributes that must have the given value for the groups to hold
+    smooth_groups: tuple[SmoothGroup, ...] = ()
+    smooth_requires: tuple[tuple[str, object], ...] = ()
     notes: str = ""
 
     # ---- lookups on a live model ------------------------------------------------------
@@ -154,6 +176,14 @@ LLAMA = ArchSpec(
     final_norm="model.norm",
     head="lm_head",
     extras=("model.rotary_emb",),
+    # v_proj -> o_proj is left out: under grouped-query attention a v channel feeds the
+    # o_proj columns of every query head in its group, so the scales would have to be shared
+    # within a KV group (not done yet)
+    smooth_groups=(
+        SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        SmoothGroup("mlp.up_proj", ("mlp.down_proj",)),  # down(act(gate) * up): linear in up
+    ),
     notes="RMSNorm pre-norm, SwiGLU MLP, rotary positions, grouped-query attention",
 )
 
@@ -173,6 +203,12 @@ GPT2 = ArchSpec(
     hidden_size_attr="n_embd",
     num_layers_attr="n_layer",
     intermediate_size_attr="n_inner",
+    # c_fc -> c_proj goes through GELU (not homogeneous); the v part of the fused c_attn ->
+    # c_proj would need scaling part of c_attn's rows only: left out
+    smooth_groups=(
+        SmoothGroup("ln_1", ("attn.c_attn",)),
+        SmoothGroup("ln_2", ("mlp.c_fc",)),
+    ),
     notes="fused qkv as HF Conv1D (weight stored [in, out]); learned positions",
 )
 
@@ -189,6 +225,14 @@ OPT = ArchSpec(
     final_norm="model.decoder.final_layer_norm",
     head="lm_head",
     intermediate_size_attr="ffn_dim",
+    smooth_groups=(
+        SmoothGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        SmoothGroup("self_attn.v_proj", ("self_attn.out_proj",)),  # multi-head: one V per head
+        SmoothGroup("final_layer_norm", ("fc1",)),
+        SmoothGroup("fc1", ("fc2",)),  # ReLU(z / s) = ReLU(z) / s for s > 0
+    ),
+    # OPT-350m is post-norm (do_layer_norm_before=False): its norms feed the residual too
+    smooth_requires=(("do_layer_norm_before", True),),
     notes="LayerNorm pre-norm, ReLU fc1/fc2 MLP, learned positions",
 )
 
@@ -205,6 +249,9 @@ BERT = ArchSpec(
     final_norm=None,
     head=None,
     prefixes=("", "bert."),
+    # post-norm: each LayerNorm's output is also the residual stream, so no norm -> linear
+    # group is exact; intermediate -> output goes through GELU. Only V -> output.dense is.
+    smooth_groups=(SmoothGroup("attention.self.value", ("attention.output.dense",)),),
     notes="post-norm encoder, GELU MLP, absolute positions",
 )
 
@@ -221,6 +268,12 @@ VIT = ArchSpec(
     final_norm="layernorm",
     head="classifier",
     prefixes=("", "vit."),
+    # fc1 -> fc2 goes through GELU: not exact
+    smooth_groups=(
+        SmoothGroup("layernorm_before", ("attention.q_proj", "attention.k_proj", "attention.v_proj")),
+        SmoothGroup("attention.v_proj", ("attention.o_proj",)),
+        SmoothGroup("layernorm_after", ("mlp.fc1",)),
+    ),
     notes="pre-norm encoder over patches + CLS token",
 )
 
