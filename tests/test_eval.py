@@ -425,3 +425,18 @@ def test_cli_subprocess_exit_code_and_no_traceback():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     assert "Traceback" not in p.stderr and "unknown model 'no-such-model'" in p.stderr
+
+
+def test_size_counts_compressed_linears_logically_and_by_held_bytes():
+    """A W8A8 model keeps its parameter count; its memory counts fbgemm's packed int8 weight."""
+    from slimformer import compress
+    from slimformer.eval.size import memory_bytes, parameter_count
+
+    lm = tiny_model("llama")
+    n0, b0 = parameter_count(lm.model), memory_bytes(lm.model)
+    q = compress(lm, "w8a8", progress=False, calibration={"samples": 2, "seq_len": 16})
+    assert parameter_count(q.model) == n0
+    lin_fp32 = sum(m.in_features * m.out_features * 4 for n, m in q.model.named_modules()
+                   if type(m).__name__ == "Int8Linear")
+    # int8 weights held by fbgemm (invisible to buffers()) are counted: 1/4 of fp32 + scales
+    assert b0 - 0.75 * lin_fp32 <= memory_bytes(q.model) <= b0 - 0.70 * lin_fp32

@@ -30,19 +30,34 @@ def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
+def _packed_modules(model: nn.Module) -> list[nn.Module]:
+    """Compressed linears (slimformer.formats): they hold weights as packed buffers or in a
+    kernel's own handle (fbgemm), which ``parameters()`` / ``buffers()`` do not show."""
+    from slimformer.formats.serialize import quantized_modules
+
+    return list(quantized_modules(model).values())
+
+
 def parameter_count(model: nn.Module) -> int:
-    """Number of distinct parameter elements (tied weights once)."""
+    """Number of distinct weight elements (tied weights once). A compressed linear counts its
+    logical in x out weights (+ bias): quantizing a model does not remove parameters."""
     seen, n = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             n += p.numel()
+    for m in _packed_modules(model):
+        n += m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
     return n
 
 
 def memory_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers, each distinct tensor once."""
-    return sum(t.numel() * t.element_size() for t in _unique_tensors(model))
+    """Bytes held by the model's tensors, each distinct tensor once; compressed linears count
+    what they really hold (``nbytes()``: packed codes, scales and any kernel-side copy)."""
+    packed = _packed_modules(model)
+    inside = {id(t) for m in packed for t in m.buffers()}
+    plain = sum(t.numel() * t.element_size() for t in _unique_tensors(model) if id(t) not in inside)
+    return plain + sum(m.nbytes() for m in packed)
 
 
 def folder_bytes(folder: Path) -> tuple[int, int]:
