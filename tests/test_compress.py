@@ -89,7 +89,7 @@ def test_w8a8_dynamic_close_to_fp32():
     lm = tiny_model("opt")
     x = _ids()
     ref = _logits(lm, x)
-    slimformer.compress(lm, "w8a8", progress=False)
+    slimformer.compress(lm, "w8a8-plain", progress=False)
     got = _logits(lm, x)
     err = (got - ref).pow(2).mean() / ref.pow(2).mean()
     assert err < 1e-3  # ~30 dB SQNR on the logits of a random model
@@ -191,9 +191,9 @@ def test_streamed_output_written_block_by_block(tmp_path):
     src.model.save_pretrained(d, max_shard_size="100KB")
     src.tokenizer.save_pretrained(d)
     out = tmp_path / "out"
-    mem = slimformer.compress(tiny_model("llama"), "w8a8", progress=False)
+    mem = slimformer.compress(tiny_model("llama"), "w8a8-plain", progress=False)
     try:
-        slimformer.compress(str(d), "w8a8", out_dir=out, stream=True, progress=False)
+        slimformer.compress(str(d), "w8a8-plain", out_dir=out, stream=True, progress=False)
     except SlimformerError as e:  # only the final reload may fail (see below)
         if "model.safetensors" not in str(e):
             raise

@@ -40,11 +40,14 @@ def test_objects_round_trip():
 
 
 def test_named_recipes():
-    assert {"w8a8", "w4-g64", "w4-g128", "w8a8-static"} <= set(named_recipes())
+    assert {"w8a8", "w8a8-plain", "w4-g64", "w4-g128", "w8a8-static"} <= set(named_recipes())
     assert DEFAULT_RECIPE in named_recipes()
     assert load_recipe("w4-g64").stages[0] == RTNConfig(bits=4, group_size=64, symmetric=True)
     assert load_recipe("w8a8-static").stages[0].activations == "static"
-    assert load_recipe("w8a8-static").needs_calibration and not load_recipe("w8a8").needs_calibration
+    assert load_recipe("w8a8-static").needs_calibration and not load_recipe("w8a8-plain").needs_calibration
+    # w8a8 = SmoothQuant then dynamic W8A8 (calibrated: the smoothing scales need activations)
+    assert [s.METHOD for s in load_recipe("w8a8").stages] == ["smoothquant", "w8a8"]
+    assert load_recipe("w8a8").needs_calibration
 
 
 def test_override_applies_per_module():

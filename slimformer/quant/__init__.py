@@ -2,5 +2,6 @@
 from slimformer.quant.config import RTNConfig, W8A8Config
 from slimformer.quant import rtn as _rtn  # noqa: F401  (registers the stage)
 from slimformer.quant import w8a8 as _w8a8  # noqa: F401
+from slimformer.quant.smoothquant import SmoothQuantConfig
 
-__all__ = ["RTNConfig", "W8A8Config"]
+__all__ = ["RTNConfig", "SmoothQuantConfig", "W8A8Config"]
