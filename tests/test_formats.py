@@ -202,3 +202,15 @@ def test_bad_folder_errors(tmp_path):
     (out / "slimformer.json").write_text('{"format_version": 99}')
     with pytest.raises(SlimformerError, match="format_version"):
         load_compressed(out)
+
+
+def test_saved_weights_are_readable_like_the_other_files(tmp_path):
+    import os
+    import stat
+
+    from slimformer import compress
+
+    out = tmp_path / "w4"
+    compress(tiny_model("llama"), "w4-g64", out_dir=out, progress=False)
+    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes

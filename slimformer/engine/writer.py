@@ -40,9 +40,12 @@ class BlockShardWriter:
     def _write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
+        from slimformer.formats.serialize import _readable
+
         name = self._shard_name(k)
         save_file({n: tensors[n].contiguous() for n in sorted(tensors)}, str(self.folder / name),
                   metadata={"format": "pt"})
+        _readable(self.folder / name)
         for n, t in tensors.items():
             self.weight_map[n] = name
             self.total_bytes += t.numel() * t.element_size()

@@ -177,6 +177,7 @@ def save_compressed(lm, out_dir: str | os.PathLike, meta: dict | None = None,
         tmp.mkdir()
         save_file({k: tensors[k].cpu() for k in sorted(tensors)}, str(tmp / WEIGHTS_NAME),
                   metadata={"format": "pt"})  # one key: safetensors orders metadata by hash
+        _readable(tmp / WEIGHTS_NAME)
         cfg.to_json_file(str(tmp / "config.json"), use_diff=False)
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(str(tmp))
@@ -269,6 +270,14 @@ def load_compressed(path: str | os.PathLike):
             log.warning("no tokenizer in %s", path)
     return LoadedModel(model=model, tokenizer=tok, arch=arch, name=path.name, source=str(path),
                        meta=doc.get("meta", {}))
+
+
+def _readable(path: Path) -> None:
+    """safetensors writes through a private temp file (mode 600); give the weights the same
+    permissions as every other file in the folder (0666 minus the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _weight_files(path: Path) -> list[Path]:
