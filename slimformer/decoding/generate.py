@@ -111,6 +111,19 @@ def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
     return ids, start
 
 
+def prepare_batch(lm, runner: CausalRunner, prompts: Prompts, max_new_tokens: int,
+                  eos_token_ids: Optional[Sequence[int]], stop_on_eos: bool, extra: int = 0):
+    """Encode, check and left-pad prompts; resolve EOS and pad ids (shared by plain and
+    speculative generation). ``extra``: further positions the caller needs in the context.
+    -> (token rows, ids [B, P], start [B], eos list, pad id)."""
+    rows = encode_prompts(lm, prompts)
+    check_lengths(runner, rows, max_new_tokens + extra)
+    eos = list(eos_token_ids) if eos_token_ids is not None else (eos_ids(lm) if stop_on_eos else [])
+    pad = pad_id(lm)
+    ids, start = left_pad(rows, pad)
+    return rows, ids, start, eos, pad
+
+
 def hit_stop(lm, tokens: list[int], stop: Sequence[str]) -> bool:
     if not stop or lm.tokenizer is None:
         return False
@@ -144,11 +157,7 @@ def generate(lm, prompts: Prompts, max_new_tokens: int = 128, *,
     or when its text contains one of ``stop``.
     """
     runner = runner or CausalRunner(lm)
-    rows = encode_prompts(lm, prompts)
-    check_lengths(runner, rows, max_new_tokens)
-    eos = list(eos_token_ids) if eos_token_ids is not None else (eos_ids(lm) if stop_on_eos else [])
-    pad = pad_id(lm)
-    ids, start = left_pad(rows, pad)
+    rows, ids, start, eos, pad = prepare_batch(lm, runner, prompts, max_new_tokens, eos_token_ids, stop_on_eos)
     B, P = ids.shape
     gen = torch.Generator().manual_seed(seed)
     eos_t = torch.tensor(eos, dtype=torch.long)

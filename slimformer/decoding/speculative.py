@@ -29,8 +29,8 @@ from typing import Any, Optional, Protocol, Sequence
 import torch
 
 from slimformer.decoding.cache import StaticKVCache, step_layout
-from slimformer.decoding.generate import (GenerationResult, Prompts, check_lengths, decode_texts,
-                                          encode_prompts, eos_ids, left_pad, pad_id, trim)
+from slimformer.decoding.generate import (GenerationResult, Prompts, decode_texts, prepare_batch,
+                                          trim)
 from slimformer.decoding.runner import CausalRunner
 from slimformer.decoding.sampling import GREEDY, SamplingConfig, sample, target_probs
 from slimformer.errors import SlimformerError
@@ -271,11 +271,7 @@ def speculative_generate(lm, prompts: Prompts, max_new_tokens: int = 128, *,
     if k_max < num_draft:
         raise SlimformerError(f"max_draft ({k_max}) must be >= num_draft ({num_draft})")
     runner = runner or CausalRunner(lm)
-    rows = encode_prompts(lm, prompts)
-    check_lengths(runner, rows, max_new_tokens)
-    eos = list(eos_token_ids) if eos_token_ids is not None else (eos_ids(lm) if stop_on_eos else [])
-    pad = pad_id(lm)
-    ids, start = left_pad(rows, pad)
+    rows, ids, start, eos, pad = prepare_batch(lm, runner, prompts, max_new_tokens, eos_token_ids, stop_on_eos)
     B, P = ids.shape
     capacity = P + max_new_tokens + k_max + 1
     seq = torch.full((B, capacity), pad, dtype=torch.long)
