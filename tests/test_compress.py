@@ -16,13 +16,7 @@ from slimformer.quant import RTNConfig, W8A8Config
 CAL = CalibrationConfig(samples=4, seq_len=32, batch_size=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core box threads only spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(n=3, seq=24):

@@ -11,13 +11,7 @@ CAUSAL = ["llama", "gpt2", "opt"]
 PROMPTS = ["Hello world, this is", "ab", "The quick brown fox jumps over the"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls only lose to OpenMP synchronisation on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_greedy(lm, ids: list[int], n: int) -> list[int]:

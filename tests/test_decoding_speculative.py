@@ -15,13 +15,7 @@ from slimformer.models.loading import LoadedModel
 PROMPTS = ["Hello world, this is hello world, this is", "ab", "The quick brown fox jumps over"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls only lose to OpenMP synchronisation on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def drafts(lm, arch):

@@ -15,12 +15,7 @@ from slimformer.quant.smoothquant import smooth_scales
 from slimformer.recipe import Recipe, load_recipe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _block0(lm, n=4, seq=16):
