@@ -249,9 +249,18 @@ def register_stage(method: StageMethod) -> StageMethod:
     return method
 
 
+# the modules whose import registers the built-in methods (one line per method family)
+BUILTIN_STAGE_MODULES: tuple[str, ...] = (
+    "slimformer.quant",
+)
+
+
 def load_builtin_stages() -> None:
     """Import the method families so their ``register_stage`` calls run."""
-    import slimformer.quant  # noqa: F401
+    import importlib
+
+    for mod in BUILTIN_STAGE_MODULES:
+        importlib.import_module(mod)
 
 
 def stage_method(name: str) -> StageMethod:

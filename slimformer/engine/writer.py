@@ -52,12 +52,12 @@ class BlockShardWriter:
 
     def add(self, index: int, name: str, block: nn.Module) -> None:
         """Write block ``index`` (full module name ``name``) and release its memory."""
-        from slimformer.formats.serialize import QUANT_TYPES, _module_tensors
+        from slimformer.formats.serialize import _module_tensors, packed_types
 
         tensors: dict[str, torch.Tensor] = {}
         qnames = []
         for rel, m in block.named_modules():
-            if isinstance(m, QUANT_TYPES):
+            if isinstance(m, packed_types()):
                 t, info = _module_tensors(f"{name}.{rel}", m)
                 tensors.update(t)
                 self.modules[f"{name}.{rel}"] = info

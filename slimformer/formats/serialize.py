@@ -40,12 +40,31 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CONFIG_NAME = "slimformer.json"
 WEIGHTS_NAME = "model.safetensors"
-QUANT_TYPES = (QuantLinear, Int8Linear)
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry of packed module formats
+# ---------------------------------------------------------------------------------------------
+# Every compressed module class (packed int4, int8 GEMM, sparse, outlier-split, ...) registers
+# how it turns into tensors + a JSON-able info dict and back. The class must expose
+# ``in_features``, ``out_features``, ``bias`` and ``nbytes()`` (bytes it holds in memory).
+# ``to_tensors(m) -> (tensors, info)`` with tensor keys relative to the module;
+# ``build(info, get) -> module`` where ``get(rel_key)`` returns a stored tensor or None.
+MODULE_FORMATS: dict[str, tuple[type, Any, Any]] = {}
+
+
+def register_module_format(cls: type, to_tensors, build) -> None:
+    MODULE_FORMATS[cls.__name__] = (cls, to_tensors, build)
+
+
+def packed_types() -> tuple[type, ...]:
+    return tuple(cls for cls, _, _ in MODULE_FORMATS.values())
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """name -> quantized linear module, in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
+    """name -> packed (quantized / sparse) linear module, in module order."""
+    types = packed_types()
+    return {n: m for n, m in model.named_modules() if isinstance(m, types)}
 
 
 def quantized_nbytes(model: nn.Module) -> tuple[int, int]:
@@ -60,11 +79,10 @@ def quantized_nbytes(model: nn.Module) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # module <-> tensors
 # ---------------------------------------------------------------------------------------------
-def _module_tensors(name: str, m: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _quant_to_tensors(m: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     qt = m.quantized()
     t: dict[str, torch.Tensor] = {}
-    info: dict[str, Any] = {"type": type(m).__name__, "spec": qt.spec.to_dict(),
-                            "in_features": m.in_features, "out_features": m.out_features}
+    info: dict[str, Any] = {"spec": qt.spec.to_dict()}
     if isinstance(m, QuantLinear):
         info["backend"] = m.backend
         t["qweight"] = pack_codes(qt.codes, qt.spec)  # [N, ceil(K*bits/8)] uint8
@@ -81,35 +99,54 @@ def _module_tensors(name: str, m: nn.Module) -> tuple[dict[str, torch.Tensor], d
         t["weight_scale"] = m.weight_scale
         if m.act_scale is not None:
             t["act_scale"] = m.act_scale
+    return t, info
+
+
+def _build_quant_linear(info: dict[str, Any], get) -> nn.Module:
+    spec = QuantSpec.from_dict(info["spec"])
+    n, k = info["out_features"], info["in_features"]
+    dq = None
+    if get("scale_codes") is not None:
+        dq = {"codes": get("scale_codes"), "absmax": get("scale_absmax"), "offset": get("scale_offset")}
+        from slimformer.primitives.affine import dequantize_scales
+
+        scale = dequantize_scales(dq)
+    else:
+        scale = get("scale").to(torch.float32)
+    codes = unpack_codes(get("qweight"), spec, k)
+    qt = QuantizedTensor(codes=codes, scale=scale, zero=get("zero"), spec=spec, shape=(n, k), dq_scale=dq)
+    return QuantLinear.from_quantized(qt, get("bias"), backend=info.get("backend"))
+
+
+def _build_int8_linear(info: dict[str, Any], get) -> nn.Module:
+    spec = QuantSpec.from_dict(info["spec"])
+    n, k = info["out_features"], info["in_features"]
+    qt = QuantizedTensor(codes=get("weight"), scale=get("weight_scale").reshape(-1, 1), zero=None,
+                         spec=spec, shape=(n, k))
+    return Int8Linear.from_quantized(qt, get("bias"), act_scale=get("act_scale"))
+
+
+register_module_format(QuantLinear, _quant_to_tensors, _build_quant_linear)
+register_module_format(Int8Linear, _quant_to_tensors, _build_int8_linear)
+
+
+def _module_tensors(name: str, m: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    kind = type(m).__name__
+    if kind not in MODULE_FORMATS:
+        raise SlimformerError(f"no saved format registered for {kind} ({name})")
+    t, extra = MODULE_FORMATS[kind][1](m)
+    info: dict[str, Any] = {"type": kind, "in_features": m.in_features, "out_features": m.out_features}
+    info.update(extra)
     if m.bias is not None:
         t["bias"] = m.bias
     return {f"{name}.{k}": v.contiguous() for k, v in t.items()}, info
 
 
 def _build_module(name: str, info: dict[str, Any], get) -> nn.Module:
-    spec = QuantSpec.from_dict(info["spec"])
-    n, k = info["out_features"], info["in_features"]
-    bias = get(f"{name}.bias")
-    if info["type"] == "QuantLinear":
-        dq = None
-        if get(f"{name}.scale_codes") is not None:
-            dq = {"codes": get(f"{name}.scale_codes"), "absmax": get(f"{name}.scale_absmax"),
-                  "offset": get(f"{name}.scale_offset")}
-            from slimformer.primitives.affine import dequantize_scales
-
-            scale = dequantize_scales(dq)
-        else:
-            scale = get(f"{name}.scale").to(torch.float32)
-        codes = unpack_codes(get(f"{name}.qweight"), spec, k)
-        qt = QuantizedTensor(codes=codes, scale=scale, zero=get(f"{name}.zero"), spec=spec,
-                             shape=(n, k), dq_scale=dq)
-        return QuantLinear.from_quantized(qt, bias, backend=info.get("backend"))
-    if info["type"] == "Int8Linear":
-        qt = QuantizedTensor(codes=get(f"{name}.weight"),
-                             scale=get(f"{name}.weight_scale").reshape(-1, 1), zero=None,
-                             spec=spec, shape=(n, k))
-        return Int8Linear.from_quantized(qt, bias, act_scale=get(f"{name}.act_scale"))
-    raise SlimformerError(f"{CONFIG_NAME}: unknown module type {info['type']!r} for {name}")
+    if info.get("type") not in MODULE_FORMATS:
+        raise SlimformerError(f"{CONFIG_NAME}: unknown module type {info.get('type')!r} for {name}; "
+                              "known: " + ", ".join(sorted(MODULE_FORMATS)))
+    return MODULE_FORMATS[info["type"]][2](info, lambda key: get(f"{name}.{key}"))
 
 
 def _all_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
@@ -201,7 +238,7 @@ def _config_for_save(model: nn.Module, qmods: dict[str, nn.Module]):
 
     cfg = copy.deepcopy(model.config)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out_emb is not None and isinstance(out_emb, QUANT_TYPES) and getattr(cfg, "tie_word_embeddings", False):
+    if out_emb is not None and isinstance(out_emb, packed_types()) and getattr(cfg, "tie_word_embeddings", False):
         cfg.tie_word_embeddings = False  # the head is its own quantized tensor now
     return cfg
 
@@ -333,3 +370,8 @@ def _fix_meta_attributes(model: nn.Module) -> None:
                 if twin is None:
                     raise SlimformerError(f"attribute {k} of {type(mod).__name__} stayed on meta")
                 setattr(mod, k, twin.clone())
+
+
+# ---------------------------------------------------------------------------------------------
+# packed formats defined in their own modules register themselves on import (one line each)
+# ---------------------------------------------------------------------------------------------
