@@ -205,3 +205,60 @@ def test_streaming_matches_in_memory(llama_folder):
               on_block_done=done, keep_outputs=True)
     assert released == [0, 1, 2] and all(p.is_meta for p in blocks.parameters())
     assert torch.equal(torch.cat(list(got.outputs)), torch.cat(list(ref.outputs)))
+
+
+# ---------------------------------------------------------------------------------------------
+# model-level stages (structured pruning, distillation) interleave with block passes
+
+
+@dataclasses.dataclass(frozen=True)
+class DropLastBlockConfig(StageConfig):
+    """Test model stage: removes the last block; records whether it got samples and a teacher."""
+
+    METHOD: ClassVar[str] = "test-drop-last"
+
+
+MODEL_SEEN: list = []
+
+
+def _drop_last(mctx, cfg):
+    blocks = mctx.lm.arch.get_blocks(mctx.lm.model)
+    MODEL_SEEN.append((mctx.samples is not None, mctx.teacher is not None,
+                       sum(isinstance(m, type(blocks[0])) for m in mctx.teacher.modules()) if mctx.teacher else 0,
+                       any("QuantLinear" in type(m).__name__ for m in mctx.lm.model.modules())))
+    del blocks[len(blocks) - 1]
+    mctx.lm.model.config.num_hidden_layers = len(blocks)
+
+
+register_stage(StageMethod("test-drop-last", DropLastBlockConfig, apply=lambda ctx, cfg: None,
+                           apply_model=_drop_last, needs_samples=lambda c: True,
+                           needs_teacher=lambda c: True))
+
+
+def test_model_stage_runs_in_recipe_order_between_block_passes():
+    from slimformer.formats import QuantLinear
+    from slimformer.quant import RTNConfig
+
+    lm = tiny_model("llama")
+    n0 = len(lm.arch.get_blocks(lm.model))
+    MODEL_SEEN.clear()
+    SEEN.clear()
+    x = _inputs(lm)
+    res = run(lm, [IdentityConfig(), DropLastBlockConfig(), RTNConfig(bits=4, group_size=16)], x,
+              EngineOptions(progress=False))
+    blocks = lm.arch.get_blocks(lm.model)
+    assert len(blocks) == n0 - 1
+    # the identity pass saw every original block before the drop; the teacher kept all blocks;
+    # no block was quantized yet when the model stage ran; RTN ran afterwards on what was left
+    assert len(SEEN) == n0
+    assert MODEL_SEEN == [(True, True, n0, False)]
+    assert all(isinstance(m, QuantLinear) for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear) or isinstance(m, QuantLinear))
+    assert sum(isinstance(m, QuantLinear) for m in lm.model.modules()) == 7 * (n0 - 1)
+    assert res.calibrated
+    assert torch.isfinite(_logits(lm, x)).all()
+
+
+def test_model_stage_without_samples_fails_clearly():
+    lm = tiny_model("llama")
+    with pytest.raises(SlimformerError, match="test-drop-last needs calibration samples"):
+        run(lm, [DropLastBlockConfig()], None, EngineOptions(progress=False))

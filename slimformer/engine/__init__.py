@@ -2,7 +2,7 @@
 from slimformer.engine.activations import ActivationCache
 from slimformer.engine.runner import (EngineOptions, EngineResult, block_forward, capture_block_inputs,
                                       plan_stages, run)
-from slimformer.engine.stage import (STAGES, BlockContext, StageConfig, StageMethod, register_stage,
+from slimformer.engine.stage import (STAGES, BlockContext, StageConfig, ModelContext, StageMethod, register_stage,
                                      stage_method)
 from slimformer.engine.streaming import SafetensorsSource, build_meta_model
 from slimformer.engine.targets import StagePlan, resolve

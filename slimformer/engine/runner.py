@@ -159,7 +159,61 @@ def run(lm, stages: Sequence[StageConfig], samples: Optional[torch.Tensor] = Non
         options: Optional[EngineOptions] = None, source=None,
         on_block_done: Optional[Callable[[int, str, nn.Module], None]] = None,
         keep_outputs: bool = False) -> EngineResult:
-    """Apply ``stages`` to ``lm`` block by block (in place).
+    """Apply ``stages`` to ``lm`` in recipe order (in place): consecutive block-level stages
+    share one layer-by-layer pass (:func:`run_blocks`); a model-level stage
+    (``StageMethod.apply_model``: structured pruning, distillation) runs alone on the whole
+    model between such passes. Arguments as in :func:`run_blocks`.
+    """
+    options = options or EngineOptions()
+    methods = [method_of(c) for c in stages]
+    if not any(m.model_level for m in methods):
+        return run_blocks(lm, stages, samples, options, source, on_block_done, keep_outputs)
+    from slimformer.engine.stage import ModelContext
+
+    if source is not None:
+        raise SlimformerError("model-level stages (" + ", ".join(m.name for m in methods if m.model_level)
+                              + ") need the whole model in memory; run without streaming")
+    plan_stages(lm, [c for c, m in zip(stages, methods) if not m.model_level])  # validate names first
+    for c, m in zip(stages, methods):
+        if m.model_level and m.needs_samples(c) and samples is None:
+            raise SlimformerError(f"stage {m.name} needs calibration samples")
+    teacher = None
+    if any(m.model_level and m.needs_teacher(c) for c, m in zip(stages, methods)):
+        import copy
+
+        teacher = copy.deepcopy(lm.model).eval()
+    t0 = time.perf_counter()
+    total = EngineResult(plans=[], blocks=len(lm.arch.get_blocks(lm.model)), calibrated=False, seconds=0.0)
+    segment: list[StageConfig] = []
+
+    def flush(last: bool) -> None:
+        if segment:
+            r = run_blocks(lm, list(segment), samples, options, None,
+                           on_block_done, keep_outputs and last)
+            total.plans += r.plans
+            total.calibrated |= r.calibrated
+            total.block_seconds += r.block_seconds
+            total.outputs = r.outputs
+            segment.clear()
+
+    for i, (c, m) in enumerate(zip(stages, methods)):
+        if not m.model_level:
+            segment.append(c)
+            continue
+        flush(False)
+        log.info("model-level stage %s", m.name)
+        m.apply_model(ModelContext(lm=lm, samples=samples, teacher=teacher, options=options), c)
+        total.calibrated |= bool(m.needs_samples(c))
+    flush(True)
+    total.seconds = time.perf_counter() - t0
+    return total
+
+
+def run_blocks(lm, stages: Sequence[StageConfig], samples: Optional[torch.Tensor] = None,
+               options: Optional[EngineOptions] = None, source=None,
+               on_block_done: Optional[Callable[[int, str, nn.Module], None]] = None,
+               keep_outputs: bool = False) -> EngineResult:
+    """Apply block-level ``stages`` to ``lm`` block by block (in place).
 
     ``samples``: calibration inputs ([n, seq] token ids, or images for vision models); needed
     only when a stage observes activations. ``source``: a

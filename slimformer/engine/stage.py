@@ -233,9 +233,38 @@ class StageMethod:
     # True when apply() re-runs the block on calibration inputs (needs them without observers)
     needs_block_inputs: Callable[[StageConfig], bool] = lambda cfg: False
     about: str = ""
+    # A MODEL-LEVEL stage (structured pruning that changes shapes or depth, distillation /
+    # fine-tuning that trains the whole model) sets ``apply_model(mctx: ModelContext, cfg)``
+    # instead of working block by block; ``apply`` is then never called. The engine runs the
+    # recipe in order: consecutive block-level stages share one layer-by-layer pass, a model
+    # stage runs alone between such passes.
+    apply_model: Optional[Callable[["ModelContext", StageConfig], None]] = None
+    # model stages: True when the stage needs calibration samples / the uncompressed teacher
+    needs_samples: Callable[[StageConfig], bool] = lambda cfg: False
+    needs_teacher: Callable[[StageConfig], bool] = lambda cfg: False
+
+    @property
+    def model_level(self) -> bool:
+        return self.apply_model is not None
 
     def needs_calibration(self, cfg: StageConfig) -> bool:
+        if self.model_level:
+            return bool(self.needs_samples(cfg))
         return bool(self.observers(cfg)) or self.needs_block_inputs(cfg)
+
+
+@dataclass
+class ModelContext:
+    """What a model-level stage sees: the whole LoadedModel (``lm.model``, ``lm.arch``,
+    ``lm.tokenizer``; replace ``lm.model`` or edit it in place), the calibration samples
+    ([n, seq] token ids or images; ``None`` when no stage asked for them), the uncompressed
+    model as it was before the recipe's first stage (``teacher``; only when the stage's
+    ``needs_teacher`` said so) and the engine options (seed, batch size, progress)."""
+
+    lm: Any
+    samples: Optional[torch.Tensor]
+    teacher: Optional[nn.Module]
+    options: Any
 
 
 STAGES: dict[str, StageMethod] = {}
