@@ -10,7 +10,8 @@ sentences; medians of ``--runs``.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+from pathlib import Path
 import logging
 import random
 import statistics
@@ -22,6 +23,9 @@ from slimformer.data import sst2
 from slimformer.decoding.early_exit import distill_exit_heads, early_exit_predict, pooled_layer_states
 from slimformer.eval import train_logistic_probe
 from slimformer.models import load
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit  # noqa: E402
 
 log = logging.getLogger("bench_early_exit")
 
@@ -66,10 +70,7 @@ def main() -> None:
         out[f"exit@{t}"] = {"acc": res[t][0], "acc_drop_points": 100 * (res[2.0][0] - res[t][0]),
                             "mean_blocks": res[t][1], "sent_per_s": len(dev) / s,
                             "speedup_vs_full": full_s / s}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ token; bandwidth measured with a large tensor copy in this process).
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+from pathlib import Path
 import logging
 import statistics
 import time
@@ -20,6 +21,9 @@ from slimformer.data import wikitext2_test_text
 from slimformer.decoding import CausalRunner, generate
 from slimformer.decoding.speed import bandwidth_limit, measure_bandwidth, weight_bytes_per_token
 from slimformer.models import load
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit  # noqa: E402
 
 log = logging.getLogger("bench_generate")
 
@@ -124,10 +128,7 @@ def main() -> None:
         out.update(hf_tok_s_median=statistics.median(hf_tps),
                    ratio_ours_over_hf=statistics.median(ours_tps) / statistics.median(hf_tps),
                    tokens_identical=all(identical))
-    print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

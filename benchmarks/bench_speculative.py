@@ -10,7 +10,8 @@ to our plain loop, token identity with our plain loop, and acceptance.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+from pathlib import Path
 import logging
 import statistics
 import time
@@ -21,6 +22,9 @@ from slimformer.data import wikitext2_test_text
 from slimformer.decoding import CausalRunner, generate
 from slimformer.decoding.speculative import PromptLookupDraft, early_exit_draft, speculative_generate
 from slimformer.models import load
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit  # noqa: E402
 
 log = logging.getLogger("bench_speculative")
 
@@ -104,10 +108,7 @@ def main() -> None:
                   "identical_to_ours_plain": f"{sum(same[m])}/{len(same[m])}"}
         if acc[m]:
             out[m]["tokens_per_target_forward"] = statistics.median(acc[m])
-    print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,22 @@ def _labels(results: list[dict]) -> list[str]:
     return names if len(set(names)) == len(names) else [f"{n} [{i + 1}]" for i, n in enumerate(names)]
 
 
+def _grid(plt, n: int, height: float):
+    """A figure with up to three panels a row for ``n`` panels."""
+    cols = min(3, n)
+    nrows = (n + cols - 1) // cols
+    return plt.subplots(nrows, cols, figsize=(4.2 * cols, height * nrows), squeeze=False)
+
+
+def _save(plt, fig, axes, used: int, path: Path) -> None:
+    """Blank the unused panels, write the PNG and free the figure."""
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_quality(results: list[dict], path: Path) -> bool:
     """One bar chart per quality metric, one bar per run. False when there is nothing to plot."""
     import matplotlib
@@ -62,9 +78,7 @@ def plot_quality(results: list[dict], path: Path) -> bool:
     if not rows:
         return False
     labels = _labels(results)
-    cols = min(3, len(rows))
-    nrows = (len(rows) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    fig, axes = _grid(plt, len(rows), 3.2)
     for ax, (task, metric) in zip(axes.flat, rows):
         vals = [value(r, task, metric) for r in results]
         bars = ax.bar(range(len(vals)), [v if v is not None else 0 for v in vals], color="tab:blue")
@@ -72,11 +86,7 @@ def plot_quality(results: list[dict], path: Path) -> bool:
         ax.set_xticks(range(len(vals)), labels, rotation=30, ha="right", fontsize=8)
         arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
         ax.set_title(f"{task} {metric} ({arrow})", fontsize=9)
-    for ax in list(axes.flat)[len(rows):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, axes, len(rows), path)
     return True
 
 
@@ -92,9 +102,7 @@ def plot_size_quality(results: list[dict], path: Path) -> bool:
     if axis is None or not rows:
         return False
     labels = _labels(results)
-    cols = min(3, len(rows))
-    nrows = (len(rows) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = _grid(plt, len(rows), 3.4)
     scale, unit = (2 ** 20, "MiB") if axis[1].endswith("_bytes") else (1e6, "M")
     for ax, (task, metric) in zip(axes.flat, rows):
         for r, lab in zip(results, labels):
@@ -107,11 +115,7 @@ def plot_size_quality(results: list[dict], path: Path) -> bool:
         ax.margins(0.2)
         ax.set_xlabel(f"{axis[1]} ({unit})", fontsize=8)
         ax.set_ylabel(f"{task} {metric}", fontsize=8)
-    for ax in list(axes.flat)[len(rows):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, axes, len(rows), path)
     return True
 
 
