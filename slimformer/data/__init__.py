@@ -125,6 +125,12 @@ def calibration_samples(tokenizer, n: int = 128, seq_len: int = 512, source: str
     return out
 
 
+def token_ids(tokenizer, source: str = "wikitext2") -> torch.Tensor:
+    """The whole text of a calibration/training source tokenized once (1-D int64, cached).
+    Never the WikiText-2 test split (see :data:`CALIBRATION_SOURCES`)."""
+    return _tokenize_cached(tokenizer, source)
+
+
 _TOKEN_CACHE: dict = {}
 
 

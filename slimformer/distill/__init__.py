@@ -1,0 +1,20 @@
+"""Knowledge distillation (survey §3.2) and the one shared training loop.
+
+* :mod:`~slimformer.distill.losses` — pure KD losses: forward/reverse KL, generalized JSD,
+  temperature, masked token averaging, hint (hidden-state) and attention / value-relation
+  transfer.
+* :mod:`~slimformer.distill.trainer` — :class:`TrainConfig` + :func:`train`: plain LM fine-tune,
+  logits KD or any loss; checkpoint/resume equal to an uninterrupted run.
+* :mod:`~slimformer.distill.batches` — seeded, resumable token batches from shipped text.
+"""
+from slimformer.distill.batches import TokenBatches, chunk, text_batches
+from slimformer.distill.losses import (KD_LOSSES, attention_kl, attention_mse, forward_kl, generalized_jsd,
+                                       hint_loss, kd_loss, layer_map, lm_loss, reverse_kl,
+                                       value_relation_kl)
+from slimformer.distill.trainer import TrainConfig, TrainLog, train
+
+__all__ = [
+    "KD_LOSSES", "TokenBatches", "TrainConfig", "TrainLog", "attention_kl", "attention_mse", "chunk",
+    "forward_kl", "generalized_jsd", "hint_loss", "kd_loss", "layer_map", "lm_loss", "reverse_kl",
+    "text_batches", "train", "value_relation_kl",
+]
