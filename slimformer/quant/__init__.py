@@ -1,6 +1,7 @@
 """Quantization methods: configs (config.py) and their apply steps, registered as stages."""
 from slimformer.quant.config import RTNConfig, W8A8Config
 from slimformer.quant import rtn as _rtn  # noqa: F401  (registers the stage)
+from slimformer.quant import omniquant as _omniquant  # noqa: F401
 from slimformer.quant import w8a8 as _w8a8  # noqa: F401
 from slimformer.quant.smoothquant import SmoothQuantConfig
 

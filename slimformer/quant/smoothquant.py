@@ -112,35 +112,47 @@ def act_absmax_from_minmax(minmax: dict[str, torch.Tensor]) -> torch.Tensor:
 # the stage
 
 
-def _check_requires(ctx: BlockContext) -> None:
+def check_smooth_requires(ctx: BlockContext, method: str = "smoothquant") -> None:
+    """Raise unless the model's config has the values the architecture's groups need."""
     cfg = getattr(ctx.config, "text_config", None) or ctx.config
     for attr, want in ctx.arch.smooth_requires:
         have = getattr(cfg, attr, None)
         if have != want:
-            raise SlimformerError(f"smoothquant: architecture '{ctx.arch.name}' needs {attr}={want!r} "
+            raise SlimformerError(f"{method}: architecture '{ctx.arch.name}' needs {attr}={want!r} "
                                   f"for its smoothing groups to be exact; this model has {have!r}")
 
 
-def apply_smoothquant(ctx: BlockContext, cfg: SmoothQuantConfig) -> None:
+def smoothable_groups(ctx: BlockContext, method: str = "smoothquant") -> list:
+    """The block's smoothing groups (``ctx.arch.smooth_groups``) whose consumers are all
+    targets, as ``(group, producer module, [consumer modules])``; raises when a member is
+    already quantized (an equivalent transformation must come before quantization). Shared
+    by every method that applies an equivalent transformation (SmoothQuant, OmniQuant's LET)."""
     from slimformer.engine.targets import is_linear
 
+    out = []
+    for g in ctx.arch.smooth_groups:
+        if not all(rel in ctx.targets for rel in g.linears):
+            continue  # a consumer is ignored (or not a target): leave the group alone
+        consumers = [ctx.module(rel) for rel in g.linears]
+        if not all(is_linear(m) for m in consumers):
+            raise SlimformerError(f"{method}: {ctx.name}.{g.linears[0]} is already quantized; "
+                                  f"put {method} before the quantization stage")
+        prev = ctx.module(g.prev)
+        if type(prev).__name__ in ("QuantLinear", "Int8Linear"):
+            raise SlimformerError(f"{method}: {ctx.name}.{g.prev} is already quantized; "
+                                  f"put {method} before the quantization stage")
+        out.append((g, prev, consumers))
+    return out
+
+
+def apply_smoothquant(ctx: BlockContext, cfg: SmoothQuantConfig) -> None:
     groups = ctx.arch.smooth_groups
     if not groups:
         log.warning("smoothquant: architecture '%s' has no exact smoothing groups; block unchanged",
                     ctx.arch.name)
         return
-    _check_requires(ctx)
-    for g in groups:
-        if not all(rel in ctx.targets for rel in g.linears):
-            continue  # a consumer is ignored (or not a target): leave the group alone
-        consumers = [ctx.module(rel) for rel in g.linears]
-        if not all(is_linear(m) for m in consumers):
-            raise SlimformerError(f"smoothquant: {ctx.name}.{g.linears[0]} is already quantized; "
-                                  "put smoothquant before the quantization stage")
-        prev = ctx.module(g.prev)
-        if type(prev).__name__ in ("QuantLinear", "Int8Linear"):
-            raise SlimformerError(f"smoothquant: {ctx.name}.{g.prev} is already quantized; "
-                                  "put smoothquant before the quantization stage")
+    check_smooth_requires(ctx)
+    for g, prev, consumers in smoothable_groups(ctx):
         first = g.linears[0]
         alpha = ctx.targets[first].alpha
         s = smooth_scales(act_absmax_from_minmax(ctx.stats[first]["minmax"]),
@@ -156,4 +168,4 @@ register_stage(StageMethod(
     about="SmoothQuant: migrate activation outliers into the weights (exact in fp32); then w8a8"))
 
 __all__ = ["SmoothQuantConfig", "smooth_scales", "fold_smoothing", "weight_column_absmax",
-           "act_absmax_from_minmax", "apply_smoothquant"]
+           "act_absmax_from_minmax", "apply_smoothquant", "check_smooth_requires", "smoothable_groups"]
