@@ -216,3 +216,169 @@ def test_custom_loss_module_parameters_are_trained():
     w0 = loss.proj.weight.detach().clone()
     train(lm.model, x, TrainConfig(steps=3, lr=1e-2, batch_size=4, progress=False), loss=loss)
     assert not torch.equal(w0, loss.proj.weight)
+
+
+# ---- students ------------------------------------------------------------------------------------
+
+def test_keep_indices_rules():
+    from slimformer.distill import keep_indices
+
+    assert keep_indices(30, 15, "every-other") == tuple(range(1, 30, 2))
+    u = keep_indices(30, 15)
+    assert u[0] == 0 and u[-1] == 29 and len(set(u)) == 15
+    assert keep_indices(6, 3, "first") == (0, 1, 2)
+    with pytest.raises(SlimformerError):
+        keep_indices(6, 4, "every-other")
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_layer_drop_student_is_initialised_from_kept_blocks_and_reloads(arch, tmp_path):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    import slimformer
+    from slimformer.distill import layer_drop_student, save_student
+    from slimformer.distill.students import drop_layers
+
+    t = tiny_model(arch)
+    n = len(t.arch.get_blocks(t.model))
+    keep = (0, n - 1)
+    s = layer_drop_student(t, list(keep))
+    blocks = s.arch.get_blocks(s.model)
+    assert len(blocks) == 2 and getattr(s.model.config, s.arch.num_layers_attr) == 2
+    for i, k in enumerate(keep):
+        for (name, p), q in zip(blocks[i].state_dict().items(), t.arch.get_blocks(t.model)[k].state_dict().values()):
+            assert torch.equal(p, q), name
+    assert len(t.arch.get_blocks(t.model)) == n  # the teacher is untouched
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ref = s.model(input_ids=x)
+    out = save_student(s, tmp_path / "student")
+    again = slimformer.load(out)
+    hf = (AutoModelForCausalLM if arch == "llama" else AutoModel).from_pretrained(str(out))
+    with torch.no_grad():
+        for m in (again.model, hf.eval()):
+            got = m(input_ids=x)
+            key = "logits" if arch == "llama" else "last_hidden_state"
+            assert torch.allclose(getattr(got, key), getattr(ref, key), atol=1e-5)
+    # dropping every block but the first of the teacher keeps the first block's output
+    if arch == "llama":
+        one = drop_layers(t.model, t.arch, [0])
+        assert [m.layer_idx for m in one.modules() if isinstance(getattr(m, "layer_idx", None), int)] == [0]
+
+
+def test_layer_drop_student_generates_with_kv_cache():
+    """The KV cache is indexed by layer_idx: a student keeping blocks (1, 2) must renumber them."""
+    from slimformer.decoding import generate
+    from slimformer.distill import layer_drop_student
+
+    s = layer_drop_student(tiny_model("llama"), [1, 2])
+    res = generate(s, "hello", max_new_tokens=5, stop_on_eos=False)
+    # greedy decode with the cache equals argmax of a full forward on the growing prefix
+    ids = s.tokenizer("hello", add_special_tokens=False).input_ids
+    for tok in res.tokens[0]:
+        with torch.no_grad():
+            nxt = int(s.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        assert nxt == tok
+        ids.append(tok)
+
+
+# ---- representation (hint + attention) loss --------------------------------------------------
+
+def test_representation_loss_trains_a_bert_student_toward_the_teacher():
+    from slimformer.distill import RepresentationLoss, layer_drop_student, use_eager_attention
+
+    t = tiny_model("bert")
+    s = layer_drop_student(tiny_model("bert", seed=7), [0])  # another model's block: far from the teacher
+    use_eager_attention(t.model)
+    use_eager_attention(s.model)
+    x = _data(n=8)
+    batch = {"input_ids": x[:4], "attention_mask": torch.ones_like(x[:4])}
+    loss = RepresentationLoss(t.arch, 64, 64, pairs=[(0, 1)], n_heads=4, attention="kl", vr_weight=1.0)
+    # a student identical to the teacher's kept block, compared with that block: zero loss
+    same = RepresentationLoss(t.arch, 64, 64, pairs=[(0, 0)], n_heads=4, vr_weight=1.0)
+    s0 = layer_drop_student(t, [0])
+    use_eager_attention(s0.model)
+    with torch.no_grad():
+        assert float(same(s0.model, batch, t.model)) == pytest.approx(0.0, abs=1e-6)
+        before = float(loss(s.model, batch, t.model))
+    train(s.model, x, TrainConfig(steps=20, lr=3e-3, batch_size=4, progress=False), loss=loss, teacher=t.model)
+    with torch.no_grad():
+        assert float(loss(s.model, batch, t.model)) < 0.5 * before
+    # widths differ: the learnable projection is used and trained
+    wide = RepresentationLoss(t.arch, 64, 32, pairs=[(0, 1)], n_heads=4, attention="none")
+    assert wide.proj is not None and len(wide.proj) == 1
+
+
+# ---- sequence-level / black-box KD data ------------------------------------------------------
+
+def test_teacher_corpus_is_prompt_plus_teacher_text_and_seeded():
+    from slimformer.distill.seqkd import teacher_batches, teacher_corpus
+
+    t = tiny_model("llama")
+    prompts = _data(n=3, seq=8)
+    rows, mask = teacher_corpus(t, prompts, max_new_tokens=6, seed=1)
+    again, _ = teacher_corpus(t, prompts, max_new_tokens=6, seed=1)
+    assert rows.shape == (3, 14) and torch.equal(rows, again)
+    assert torch.equal(rows[:, :8], prompts) and bool(mask[:, :9].all())
+    from slimformer.decoding import SamplingConfig
+
+    greedy, gmask = teacher_corpus(t, prompts, max_new_tokens=6, sampling=SamplingConfig())
+    with torch.no_grad():  # greedy continuation: each token is the teacher's argmax
+        nxt = t.model(input_ids=greedy[:, :8]).logits[:, -1].argmax(-1)
+    assert torch.equal(greedy[:, 8], nxt)
+    # black-box KD: plain LM loss on teacher text lowers the student's NLL of that text
+    data = teacher_batches(t, _data(n=8, seq=16), batch_size=4, prompt_len=8, max_new_tokens=8, seed=0)
+    s = tiny_model("llama", seed=3)
+    nll = lambda m: float(lm_loss(m(input_ids=data.windows).logits, data.windows, data.mask).detach())
+    before = nll(s.model)
+    train(s.model, data, TrainConfig(steps=15, lr=3e-3, batch_size=4, progress=False), loss="lm")
+    assert nll(s.model) < before
+
+
+# ---- the recipe stage ----------------------------------------------------------------------------
+
+def test_distill_config_validates_and_round_trips_yaml():
+    from slimformer.distill import DistillConfig
+    from slimformer.recipe import Recipe, load_recipe
+
+    with pytest.raises(ConfigError, match="distill.loss"):
+        DistillConfig(loss="kl")
+    with pytest.raises(ConfigError, match="distill.steps"):
+        DistillConfig(steps=0)
+    with pytest.raises(ConfigError, match="distill.data"):
+        DistillConfig(data="wikitext2-test")
+    cfg = DistillConfig(kd_loss="jsd", beta=0.3, temperature=2.0, steps=7)
+    assert DistillConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_distill_stage_recovers_a_layer_dropped_model_in_a_recipe():
+    """[drop a block, distill]: the distill stage trains the student against the model as it was
+    before the recipe (the engine's teacher) and brings its logits closer."""
+    import dataclasses
+    from typing import ClassVar
+
+    from slimformer.distill import DistillConfig
+    from slimformer.engine import EngineOptions, StageConfig, StageMethod, register_stage, run
+    from slimformer.distill.students import drop_layers
+
+    @dataclasses.dataclass(frozen=True)
+    class DropBlock(StageConfig):
+        METHOD: ClassVar[str] = "test-distill-drop-block"
+
+    def drop(mctx, cfg):
+        mctx.lm.model = drop_layers(mctx.lm.model, mctx.lm.arch, [0, 2])
+
+    register_stage(StageMethod("test-distill-drop-block", DropBlock, apply=lambda c, f: None, apply_model=drop,
+                               needs_teacher=lambda c: True))
+    lm = tiny_model("llama")
+    teacher = tiny_model("llama")
+    x = _data(n=16, seq=32)
+    gap = lambda: float(forward_kl(lm.model(input_ids=x).logits, teacher.model(input_ids=x).logits))
+    run(lm, [DropBlock()], x, EngineOptions(progress=False))
+    with torch.no_grad():
+        before = gap()
+    lm = tiny_model("llama")
+    run(lm, [DropBlock(), DistillConfig(steps=30, lr=3e-3, batch_size=4, seq_len=16)], x, EngineOptions(progress=False))
+    assert len(lm.arch.get_blocks(lm.model)) == 2
+    with torch.no_grad():
+        assert gap() < 0.7 * before

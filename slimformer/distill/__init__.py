@@ -6,15 +6,23 @@
 * :mod:`~slimformer.distill.trainer` — :class:`TrainConfig` + :func:`train`: plain LM fine-tune,
   logits KD or any loss; checkpoint/resume equal to an uninterrupted run.
 * :mod:`~slimformer.distill.batches` — seeded, resumable token batches from shipped text.
+* :mod:`~slimformer.distill.students` — layer-drop students initialised from the teacher.
+* :mod:`~slimformer.distill.representation` — hint + attention / value-relation transfer loss.
+* :mod:`~slimformer.distill.seqkd` — sequence-level / black-box KD data (teacher-written text).
+* :mod:`~slimformer.distill.stage` — the ``distill`` recipe stage (model-level).
 """
 from slimformer.distill.batches import TokenBatches, chunk, text_batches
 from slimformer.distill.losses import (KD_LOSSES, attention_kl, attention_mse, forward_kl, generalized_jsd,
                                        hint_loss, kd_loss, layer_map, lm_loss, reverse_kl,
                                        value_relation_kl)
+from slimformer.distill.representation import RepresentationLoss, use_eager_attention
+from slimformer.distill.stage import DistillConfig
+from slimformer.distill.students import keep_indices, layer_drop_student, save_student
 from slimformer.distill.trainer import TrainConfig, TrainLog, train
 
 __all__ = [
-    "KD_LOSSES", "TokenBatches", "TrainConfig", "TrainLog", "attention_kl", "attention_mse", "chunk",
+    "DistillConfig", "RepresentationLoss", "keep_indices", "layer_drop_student", "save_student",
+    "use_eager_attention", "KD_LOSSES", "TokenBatches", "TrainConfig", "TrainLog", "attention_kl", "attention_mse", "chunk",
     "forward_kl", "generalized_jsd", "hint_loss", "kd_loss", "layer_map", "lm_loss", "reverse_kl",
     "text_batches", "train", "value_relation_kl",
 ]

@@ -281,6 +281,7 @@ def register_stage(method: StageMethod) -> StageMethod:
 # the modules whose import registers the built-in methods (one line per method family)
 BUILTIN_STAGE_MODULES: tuple[str, ...] = (
     "slimformer.quant",
+    "slimformer.distill",
     "slimformer.prune",
 )
 
