@@ -325,3 +325,47 @@ def _calibrate(block: nn.Module, kinds: dict[str, tuple[str, ...]], states: Acti
         for h, (a, kw) in zip(states, rest):
             block_forward(block, h, a, kw)
         return obs.results()
+
+
+@dataclass
+class BlockStatistics:
+    """What :func:`collect_statistics` saw on the unmodified model: observer results keyed by
+    full module name, and per block the mean ``1 - cos(h_in, h_out)`` over tokens (how much
+    the block changes the residual stream: ShortGPT's block influence)."""
+
+    stats: dict[str, dict]
+    influence: list[float]
+
+
+def collect_statistics(lm, observers: dict[str, tuple[str, ...]], samples: torch.Tensor,
+                       options: Optional[EngineOptions] = None) -> BlockStatistics:
+    """One layer-by-layer calibration pass that changes nothing: the observers named in
+    ``observers`` (block-relative linear name -> observer names, e.g. ``{"mlp.down_proj":
+    ("channel_norm",)}``) watch every block's linears. For model-level stages (structured
+    pruning) that score the whole model before changing it."""
+    from slimformer.observers import attach
+
+    options = options or EngineOptions()
+    blocks = lm.arch.get_blocks(lm.model)
+    path = lm.arch.block_path(lm.model)
+    out = BlockStatistics(stats={}, influence=[])
+    with torch.no_grad():
+        states = ActivationCache(options.offload_dir)
+        rest = capture_block_inputs(lm, samples, options.batch_size, states)
+        for i, block in enumerate(blocks):
+            nxt = ActivationCache(options.offload_dir)
+            mods = {rel: block.get_submodule(rel) for rel in observers}
+            cos_sum, tokens = 0.0, 0
+            with attach(mods, observers) as obs:
+                for h, (a, kw) in zip(states, rest):
+                    y = block_forward(block, h, a, kw)
+                    cos = torch.nn.functional.cosine_similarity(h.float(), y.float(), dim=-1)
+                    cos_sum += float(cos.sum())
+                    tokens += cos.numel()
+                    nxt.append(y)
+                out.stats.update({f"{path}.{i}.{rel}": r for rel, r in obs.results().items()})
+            out.influence.append(1.0 - cos_sum / max(tokens, 1))
+            states.close()
+            states = nxt
+        states.close()
+    return out

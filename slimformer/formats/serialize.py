@@ -205,6 +205,9 @@ def save_compressed(lm, out_dir: str | os.PathLike, meta: dict | None = None,
     doc = {"format_version": FORMAT_VERSION, "arch": lm.arch.name, "kind": lm.arch.kind,
            "model_class": type(model).__name__, "modules": modules, "aliases": aliases,
            "meta": meta or {}}
+    shapes = _shapes_config_cannot_express(model, cfg)
+    if shapes:  # per-block widths (non-uniform structured pruning); absent for every other model
+        doc["shapes"] = shapes
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -231,6 +234,46 @@ def save_compressed(lm, out_dir: str | os.PathLike, meta: dict | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _shapes_config_cannot_express(model: nn.Module, cfg) -> dict[str, Any]:
+    """Linear shapes and integer module attributes that differ from the model the config
+    builds (blocks pruned to different widths): ``{"linears": {name: {in_features,
+    out_features, bias}}, "attrs": {"module.attr": int}}``, or ``{}`` when the config says it all.
+    The reference is built on ``meta`` (no memory)."""
+    with torch.device("meta"):
+        ref = type(model)(cfg)
+    real = dict(model.named_modules())
+    linears: dict[str, Any] = {}
+    attrs: dict[str, int] = {}
+    for name, r in ref.named_modules():
+        m = real.get(name)
+        if m is None:
+            continue
+        if isinstance(m, nn.Linear) and isinstance(r, nn.Linear) and (
+                (m.in_features, m.out_features) != (r.in_features, r.out_features)):
+            linears[name] = {"in_features": m.in_features, "out_features": m.out_features,
+                             "bias": m.bias is not None}
+            continue
+        mine = vars(m)
+        for k, v in vars(r).items():
+            if type(v) is int and type(mine.get(k)) is int and mine[k] != v:
+                attrs[f"{name}.{k}" if name else k] = mine[k]
+    out: dict[str, Any] = {}
+    if linears:
+        out["linears"] = linears
+    if attrs:
+        out["attrs"] = attrs
+    return out
+
+
+def _apply_shapes(model: nn.Module, shapes: dict[str, Any], get_module, set_module) -> None:
+    """Rebuild the recorded per-module shapes on the ``meta`` model before weights are assigned."""
+    for name, s in shapes.get("linears", {}).items():
+        set_module(model, name, nn.Linear(s["in_features"], s["out_features"], bias=s["bias"], device="meta"))
+    for key, v in shapes.get("attrs", {}).items():
+        mod_path, _, attr = key.rpartition(".")
+        setattr(get_module(model, mod_path), attr, v)
 
 
 def _config_for_save(model: nn.Module, qmods: dict[str, nn.Module]):
@@ -272,6 +315,7 @@ def load_compressed(path: str | os.PathLike):
     with torch.device("meta"):
         model = cls(cfg)
     model.eval()
+    _apply_shapes(model, doc.get("shapes", {}), get_module, set_module)
 
     files = _weight_files(path)
     with contextlib.ExitStack() as stack:

@@ -32,6 +32,9 @@ class AttentionSpec:
     num_heads_attr: str = "num_attention_heads"
     num_kv_heads_attr: Optional[str] = None  # grouped-query attention: KV heads < heads
     head_dim_attr: Optional[str] = None  # None -> hidden_size // num_heads
+    # attribute of the attention module (the parent of ``o``) holding query heads per KV head
+    # (grouped-query attention's repeat factor); structured pruning sets it per block
+    kv_groups_module_attr: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,11 @@ class ArchSpec:
     # config attributes that must have the given value for the groups to hold
     smooth_groups: tuple[SmoothGroup, ...] = ()
     smooth_requires: tuple[tuple[str, object], ...] = ()
+    # block-relative ``module.attribute`` paths holding the block's own index (KV-cache slot);
+    # renumbered when blocks are removed (depth pruning)
+    layer_index_attrs: tuple[str, ...] = ()
+    # config attributes that are lists with one entry per block (filtered on depth pruning)
+    per_layer_config_attrs: tuple[str, ...] = ()
     notes: str = ""
 
     # ---- lookups on a live model ------------------------------------------------------
@@ -169,6 +177,7 @@ LLAMA = ArchSpec(
     attention=AttentionSpec(
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
         num_kv_heads_attr="num_key_value_heads", head_dim_attr="head_dim",
+        kv_groups_module_attr="num_key_value_groups",
     ),
     mlp=MLPSpec(gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj"),
     norms=("input_layernorm", "post_attention_layernorm"),
@@ -176,6 +185,8 @@ LLAMA = ArchSpec(
     final_norm="model.norm",
     head="lm_head",
     extras=("model.rotary_emb",),
+    layer_index_attrs=("self_attn.layer_idx",),
+    per_layer_config_attrs=("layer_types",),  # qwen2 / qwen3 (sliding vs full attention)
     # v_proj -> o_proj is left out: under grouped-query attention a v channel feeds the
     # o_proj columns of every query head in its group, so the scales would have to be shared
     # within a KV group (not done yet)
@@ -200,6 +211,7 @@ GPT2 = ArchSpec(
     final_norm="transformer.ln_f",
     head="lm_head",
     linear_type="conv1d",
+    layer_index_attrs=("attn.layer_idx",),
     hidden_size_attr="n_embd",
     num_layers_attr="n_layer",
     intermediate_size_attr="n_inner",
@@ -225,6 +237,7 @@ OPT = ArchSpec(
     final_norm="model.decoder.final_layer_norm",
     head="lm_head",
     intermediate_size_attr="ffn_dim",
+    layer_index_attrs=("self_attn.layer_idx",),
     smooth_groups=(
         SmoothGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         SmoothGroup("self_attn.v_proj", ("self_attn.out_proj",)),  # multi-head: one V per head
@@ -249,6 +262,7 @@ BERT = ArchSpec(
     final_norm=None,
     head=None,
     prefixes=("", "bert."),
+    layer_index_attrs=("attention.self.layer_idx",),
     # post-norm: each LayerNorm's output is also the residual stream, so no norm -> linear
     # group is exact; intermediate -> output goes through GELU. Only V -> output.dense is.
     smooth_groups=(SmoothGroup("attention.self.value", ("attention.output.dense",)),),
