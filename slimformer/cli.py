@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "slimformer.eval.cli",
     "slimformer.engine.cli",
     "slimformer.decoding.cli",
+    "slimformer.distill.cli",
 )
 
 _DEBUG = {"on": False}

@@ -382,3 +382,26 @@ def test_distill_stage_recovers_a_layer_dropped_model_in_a_recipe():
     assert len(lm.arch.get_blocks(lm.model)) == 2
     with torch.no_grad():
         assert gap() < 0.7 * before
+
+
+def test_cli_distill_saves_a_loadable_student(tmp_path):
+    import json
+
+    import slimformer
+    from slimformer.cli import main
+    from slimformer.distill import save_student
+
+    teacher_dir = save_student(tiny_model("llama"), tmp_path / "teacher")
+    out = tmp_path / "student"
+    rc = main(["distill", "--teacher", str(teacher_dir), "--student", "layers:2", "--loss", "kd", "--steps", "3",
+               "--lr", "1e-3", "--batch-size", "2", "--seq-len", "32", "--out", str(out), "--no-progress",
+               "--json", str(tmp_path / "log.json")])
+    assert rc == 0
+    s = slimformer.load(out)
+    assert len(s.arch.get_blocks(s.model)) == 2
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert len(log["train"]["loss"]) == 3
+    # an existing output folder is refused before any work; a bad student spec names itself
+    assert main(["distill", "--teacher", str(teacher_dir), "--student", "layers:2", "--out", str(out)]) == 2
+    assert main(["distill", "--teacher", str(teacher_dir), "--student", "layers:x", "--out",
+                 str(tmp_path / "o2")]) == 2

@@ -29,6 +29,16 @@ def use_eager_attention(model: nn.Module) -> None:
         model.config._attn_implementation = "eager"
 
 
+def last_hidden_hint(student: nn.Module, batch: dict, teacher: Optional[nn.Module]) -> torch.Tensor:
+    """Hint loss on the last hidden state only (any architecture, same width): a ``train`` loss."""
+    if teacher is None:
+        raise SlimformerError("hint distillation needs a teacher model")
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    with torch.no_grad():
+        t = teacher(**kw).hidden_states[-1]
+    return hint_loss(student(**kw).hidden_states[-1], t, mask=batch["attention_mask"])
+
+
 class _Values:
     """Forward hooks capturing the ``v`` projection output of chosen blocks."""
 

@@ -114,15 +114,6 @@ def _params(model, cfg: DistillConfig) -> list:
     return out
 
 
-def _last_hidden_loss(student, batch, teacher):
-    from slimformer.distill.losses import hint_loss
-
-    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-    with torch.no_grad():
-        t = teacher(**kw).hidden_states[-1]
-    return hint_loss(student(**kw).hidden_states[-1], t, mask=batch["attention_mask"])
-
-
 def apply_distill(mctx, cfg: DistillConfig) -> None:
     from slimformer.distill.batches import TokenBatches
     from slimformer.distill.trainer import train
@@ -140,7 +131,9 @@ def apply_distill(mctx, cfg: DistillConfig) -> None:
                                progress=bool(getattr(mctx.options, "progress", False)))
     else:
         data = TokenBatches(windows, cfg.batch_size, seed=cfg.seed)
-    loss = _last_hidden_loss if cfg.loss == "hint" else cfg.loss
+    from slimformer.distill.representation import last_hidden_hint
+
+    loss = last_hidden_hint if cfg.loss == "hint" else cfg.loss
     if cfg.loss == "kd" and lm.kind != "causal-lm":
         raise SlimformerError(f"distill: loss 'kd' needs logits; a {lm.kind} model takes loss 'hint'")
     train(lm.model, data, cfg.train_config(progress=bool(getattr(mctx.options, "progress", False))),
