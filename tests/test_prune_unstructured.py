@@ -79,6 +79,16 @@ def test_ties_are_broken_deterministically_and_exactly():
     assert torch.equal(g[0], torch.tensor([False, False, True, True] * 2))
 
 
+def test_layer_selection_equals_stable_sort_with_many_ties():
+    from slimformer.prune.masks import lowest_k_mask
+
+    s = torch.randint(0, 4, (9, 14)).float()  # heavy ties
+    for k in (0, 1, 40, 63, 126):
+        ref = torch.ones(126, dtype=torch.bool)
+        ref[torch.sort(s.reshape(-1), stable=True).indices[:k]] = False
+        assert torch.equal(lowest_k_mask(s, k).reshape(-1), ref)
+
+
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 3), (3, 4)])
 def test_nm_mask_keeps_top_n_of_every_group(n, m):
     s = torch.randn(9, m * 7)

@@ -51,10 +51,19 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask removing exactly the ``k`` lowest scores of the whole tensor."""
-    mask = torch.ones(scores.numel(), dtype=torch.bool)
-    if k:
-        mask[_lowest(scores.reshape(-1), k)] = False
+    """Keep-mask removing exactly the ``k`` lowest scores of the whole tensor — the same set as
+    the stable sort (everything below the k-th value, then the lowest-index ties), found with
+    one O(n) selection instead of sorting a whole layer."""
+    flat = scores.reshape(-1)
+    mask = torch.ones(flat.numel(), dtype=torch.bool)
+    if k >= flat.numel():
+        mask[:] = False
+    elif k > 0:
+        thr = flat.kthvalue(k).values
+        below = flat < thr
+        ties = torch.nonzero(flat == thr).reshape(-1)
+        mask[below] = False
+        mask[ties[: k - int(below.sum())]] = False
     return mask.reshape(scores.shape)
 
 
@@ -64,12 +73,13 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "row")
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    s2 = scores.reshape(1, -1) if scope == "layer" else scores
-    mask = torch.ones_like(s2, dtype=torch.bool)
-    k = n_pruned(s2.shape[-1], sparsity)
+    if scope == "layer":
+        return lowest_k_mask(scores, n_pruned(scores.numel(), sparsity))
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    k = n_pruned(scores.shape[-1], sparsity)
     if k:
-        mask.scatter_(-1, _lowest(s2, k), False)
-    return mask.reshape(scores.shape)
+        mask.scatter_(-1, _lowest(scores, k), False)
+    return mask
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
