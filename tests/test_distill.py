@@ -431,3 +431,49 @@ def test_distill_after_quantization_trains_only_the_targeted_norms():
     assert moved and all("norm" in k for k in moved)
     with torch.no_grad():
         assert gap(b.model) < gap(a.model)
+
+
+# ---- the real bundled models (slower) --------------------------------------------------------------
+
+@pytest.mark.integration
+def test_smollm2_half_depth_student_saves_reloads_and_one_kd_step_lowers_the_kd_loss(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import slimformer
+    from slimformer.data import calibration_samples
+    from slimformer.distill import layer_drop_student, save_student
+
+    s = layer_drop_student(smollm2, 15)
+    assert len(s.arch.get_blocks(s.model)) == 15 and s.meta["kept_blocks"][0] == 0
+    x = calibration_samples(smollm2.tokenizer, n=2, seq_len=64, source="wikitext2-detok")
+    with torch.no_grad():
+        ref = s.model(input_ids=x).logits
+        t_logits = smollm2.model(input_ids=x).logits
+    out = save_student(s, tmp_path / "s15")
+    with torch.no_grad():
+        assert torch.allclose(slimformer.load(out).model(input_ids=x).logits, ref, atol=1e-4)
+        hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+        assert torch.allclose(hf(input_ids=x).logits, ref, atol=1e-4)
+    before = float(forward_kl(ref, t_logits))
+    train(s.model, x, TrainConfig(steps=2, lr=1e-4, batch_size=2, seq_len=64, progress=False), loss="kd",
+          teacher=smollm2.model)
+    with torch.no_grad():
+        assert float(forward_kl(s.model(input_ids=x).logits, t_logits)) < before
+
+
+@pytest.mark.integration
+def test_minilm_three_block_student_attention_transfer_loss_is_finite(minilm):
+    from slimformer.distill import RepresentationLoss, layer_drop_student, use_eager_attention
+    import copy
+
+    teacher = copy.deepcopy(minilm.model)
+    s = layer_drop_student(minilm, 3, "every-other")
+    assert s.meta["kept_blocks"] == [1, 3, 5]
+    use_eager_attention(teacher)
+    use_eager_attention(s.model)
+    enc = minilm.tokenizer(["a man is playing a guitar .", "the cat sat on the mat"], padding=True,
+                           return_tensors="pt")
+    loss = RepresentationLoss(minilm.arch, 384, 384, layer_map(3, 6), 12, vr_weight=1.0)
+    with torch.no_grad():
+        v = loss(s.model, dict(enc), teacher)
+    assert torch.isfinite(v) and float(v) > 0
