@@ -117,7 +117,8 @@ class TrainLog:
     loss: list = field(default_factory=list)
     lr: list = field(default_factory=list)
     evals: list = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of this process's steps, evaluations excluded
+    eval_seconds: float = 0.0
     trained_steps: int = 0  # steps run in this process (a resumed run skips the earlier ones)
     tokens_per_step: int = 0
     resumed_from: Optional[int] = None
@@ -243,11 +244,13 @@ def train(student: nn.Module, batches: Union[TokenBatches, torch.Tensor], cfg: T
     def evaluate(at: int) -> None:
         if eval_fn is None or any(s == at for s, _ in tlog.evals):
             return
+        t = time.perf_counter()
         student.eval()
         with torch.no_grad():
             v = eval_fn(student)
         student.train()
         tlog.evals.append((at, v))
+        tlog.eval_seconds += time.perf_counter() - t
         log.info("step %d eval %s", at, v)
 
     step = start
@@ -262,7 +265,7 @@ def train(student: nn.Module, batches: Union[TokenBatches, torch.Tensor], cfg: T
             from tqdm.auto import tqdm
 
             bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True)
-        t0 = time.perf_counter()
+        t0, e0 = time.perf_counter(), tlog.eval_seconds
         for step in range(start, end):
             batch = next(it)
             tlog.tokens_per_step = int(batch["attention_mask"].sum())
@@ -287,7 +290,7 @@ def train(student: nn.Module, batches: Union[TokenBatches, torch.Tensor], cfg: T
                 evaluate(step)
             if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 _save(ckpt, state())
-        tlog.seconds = time.perf_counter() - t0
+        tlog.seconds = time.perf_counter() - t0 - (tlog.eval_seconds - e0)
         if bar is not None:
             bar.close()
         step = end
