@@ -84,7 +84,7 @@ def main() -> None:
             "epochs": args.epochs}
     out = {"blocks": args.blocks, "bits": args.bits, "group_size": args.group_size,
            "samples": args.samples, "epochs": args.epochs, "settings": []}
-    print(f"| setting | per-block trained/RTN block-output MSE | median ratio | median s/block |")
+    print("| setting | per-block trained/RTN block-output MSE (* = block kept at RTN) | median ratio | median s/block |")
     print("|---|---|---|---|")
     for s in args.setting or ["lwc", "lwc+let"]:
         cfg = OmniQuantConfig(**parse_setting(s, base))
@@ -93,11 +93,11 @@ def main() -> None:
         t = time.perf_counter()
         run(lm, [cfg], samples, EngineOptions(batch_size=8, progress=False))
         wall = time.perf_counter() - t
-        ratios = [r["final"] / r["rtn"] for r in rec.rows]
+        ratios = [r["trained"] / r["rtn"] for r in rec.rows]
         secs = [r["seconds"] for r in rec.rows]
         out["settings"].append({"setting": s, "config": cfg.to_dict(), "rows": list(rec.rows),
                                 "median_ratio": statistics.median(ratios), "wall_s": wall})
-        print(f"| {s} | {' '.join(f'{x:.3f}' for x in ratios)} | {statistics.median(ratios):.3f} | "
+        print(f"| {s} | {' '.join(f"{x:.3f}{'*' if r['kept_rtn'] else ''}" for x, r in zip(ratios, rec.rows))} | {statistics.median(ratios):.3f} | "
               f"{statistics.median(secs):.1f} |", flush=True)
     emit(out, args.json)
 

@@ -139,6 +139,24 @@ def test_training_lowers_block_output_error_vs_rtn(arch, symmetric):
     assert e_oq < e_rtn
 
 
+def test_reset_to_rtn_packs_exactly_rtn():
+    """The fallback when training does not beat rounding: identical codes and scales."""
+    lm = tiny_model("llama")
+    block, cache, rest = _block0(lm)
+    rtn_block = copy.deepcopy(block)
+    rtn = RTNConfig(bits=3, group_size=64)
+    method_of(rtn).apply(_ctx(lm, rtn_block, cache, rest, rtn), rtn)
+    cfg = OmniQuantConfig(bits=3, group_size=64)
+    ctx = _ctx(lm, block, cache, rest, cfg)
+    problem = _BlockProblem(ctx, cfg, smoothable_groups(ctx, "omniquant"))
+    problem.reset_to_rtn()
+    problem.fold_let()
+    problem.pack()
+    for rel in ctx.targets:
+        a, b = ctx.module(rel).quantized(), rtn_block.get_submodule(rel).quantized()
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale), rel
+
+
 def test_microbatches_take_the_first_samples_in_steps():
     lm = tiny_model("llama")
     _, cache, rest = _block0(lm, n=8)  # engine batches of 4

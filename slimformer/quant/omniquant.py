@@ -93,8 +93,8 @@ class OmniQuantConfig(StageConfig):
     epochs: int = 2
     samples: int = 32
     batch_size: int = 1
-    lr_lwc: float = 1e-2
-    lr_let: float = 5e-3
+    lr_lwc: float = 5e-2
+    lr_let: float = 2e-2
     init_logit: float = 4.0
 
     def validate(self) -> None:
@@ -324,6 +324,12 @@ class _BlockProblem:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     # ---- the result ---------------------------------------------------------------------------
+    def reset_to_rtn(self) -> None:
+        """Drop the learned parameters: no transformation, clipping factors 1 (plain RTN)."""
+        self.groups, self.log_scales, self.shifts = [], [], []
+        self.gammas = {rel: None for rel in self.gammas}
+        self.betas = {rel: None for rel in self.betas}
+
     def fold_let(self) -> None:
         """Write the learned LET into the block's modules (shift into the biases, then
         SmoothQuant's fold of the scales): the fp32 block is unchanged up to rounding."""
@@ -404,11 +410,22 @@ def _mse(problem: _BlockProblem, params: dict, batches, targets) -> float:
     return tot / max(1, len(targets))
 
 
+# the before/after error is measured on the first few training sequences only (a diagnostic
+# for the log and the benchmarks; the whole set would cost two more passes per block)
+DIAG_SEQUENCES = 4
+
+
 def train_block(problem: _BlockProblem, batches: list, targets: list, cfg: OmniQuantConfig,
                 name: str = "") -> dict[str, float]:
-    """Adam on MSE(quantized block output, fp block output); returns the mean losses on the
-    training batches (``rtn``: the plain RTN grid, ``final``: after training)."""
-    losses = {"rtn": _mse(problem, problem.tensors(transform=False, clip=False), batches, targets)}
+    """Adam on MSE(quantized block output, fp block output); returns the mean block-output
+    MSE on the first ``DIAG_SEQUENCES`` training sequences (``rtn``: the plain RTN grid,
+    ``trained``: after training)."""
+    k, seen = 0, 0
+    while k < len(batches) and seen < DIAG_SEQUENCES:
+        seen += _batch_size(*batches[k])
+        k += 1
+    diag_b, diag_y = batches[:k], targets[:k]
+    losses = {"rtn": _mse(problem, problem.tensors(transform=False, clip=False), diag_b, diag_y)}
     groups = []
     if problem.lwc_parameters():
         groups.append({"params": problem.lwc_parameters(), "lr": cfg.lr_lwc})
@@ -430,7 +447,7 @@ def train_block(problem: _BlockProblem, batches: list, targets: list, cfg: OmniQ
                     tot += loss.item()
                 log.info("omniquant %s epoch %d/%d: train mse %.4g", name, epoch + 1, cfg.epochs,
                          tot / len(batches))
-    losses["final"] = _mse(problem, problem.tensors(), batches, targets)
+    losses["trained"] = _mse(problem, problem.tensors(), diag_b, diag_y)
     return losses
 
 
@@ -464,15 +481,19 @@ def apply_omniquant(ctx: BlockContext, cfg: OmniQuantConfig) -> None:
     finally:
         for p, rg in frozen:
             p.requires_grad_(rg)
+    kept_rtn = not losses["trained"] < losses["rtn"]
+    if kept_rtn:  # a short training run can end worse than plain rounding: never ship that
+        problem.reset_to_rtn()
     problem.fold_let()
     problem.pack()
     secs = time.perf_counter() - t0
     # ``extra``: benchmarks read the numbers from the record (block, losses, seconds)
-    log.info("omniquant %s: block output mse rtn %.4g -> trained %.4g (%.3fx rtn), %d LET groups, "
-             "%d samples, %.1fs", ctx.name, losses["rtn"], losses["final"],
-             losses["final"] / losses["rtn"] if losses["rtn"] > 0 else math.nan, len(problem.groups),
+    log.info("omniquant %s: block output mse rtn %.4g, trained %.4g (%.3fx rtn)%s, %d LET groups, "
+             "%d training sequences, %.1fs", ctx.name, losses["rtn"], losses["trained"],
+             losses["trained"] / losses["rtn"] if losses["rtn"] > 0 else math.nan,
+             " -> not better: block kept at RTN" if kept_rtn else "", len(problem.groups),
              sum(_batch_size(a, kw) for a, kw in batches), secs,
-             extra={"omniquant": {"block": ctx.name, **losses, "seconds": secs}})
+             extra={"omniquant": {"block": ctx.name, **losses, "kept_rtn": kept_rtn, "seconds": secs}})
 
 
 def _observers(cfg: OmniQuantConfig) -> tuple[str, ...]:
