@@ -214,7 +214,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return (f"in={self.in_features}, out={self.out_features}, {s.format}{s.bits} "
+        kind = f"int{s.bits}" if s.format == "int" else s.format  # nf4 / fp8_e4m3 name their bits
+        return (f"in={self.in_features}, out={self.out_features}, {kind} "
                 f"{'sym' if s.symmetric else 'asym'} {s.granularity}"
                 f"{s.group_size if s.granularity == 'group' else ''}, backend={self.backend}")
 

@@ -23,7 +23,8 @@ class RTNConfig(StageConfig):
     ``bits`` 2..8; ``group_size``: columns per scale (need not divide the row: the last group
     is partial), ``null`` for one scale per output channel; ``symmetric``: zero point fixed at
     0 (signed codes) or a per-group integer zero point; ``format``: ``int`` (affine, Eq. 4),
-    ``nf4`` (4-bit QLoRA codebook) or ``fp8_e4m3``.
+    ``nf4`` (4-bit QLoRA codebook) or ``fp8_e4m3``; ``double_quant`` (nf4 only): store the
+    per-group scales themselves as int8 in blocks of 256 (QLoRA's double quantization).
     """
 
     METHOD: ClassVar[str] = "rtn"
@@ -33,12 +34,17 @@ class RTNConfig(StageConfig):
     group_size: Optional[int] = 128
     symmetric: bool = True
     format: str = "int"
+    double_quant: bool = False
 
     def validate(self) -> None:
         check_int_range(self.METHOD, "bits", self.bits, 2, 8)
         check_int_range(self.METHOD, "group_size", self.group_size, 1, allow_none=True)
         check_bool(self.METHOD, "symmetric", self.symmetric)
         check_choice(self.METHOD, "format", self.format, WEIGHT_FORMATS)
+        check_bool(self.METHOD, "double_quant", self.double_quant)
+        if self.double_quant and self.format != "nf4":
+            raise ConfigError(f"{self.METHOD}.double_quant: true needs format 'nf4' (got format "
+                              f"{self.format!r}); allowed: false, or format nf4")
         try:
             self.spec()
         except ConfigError as e:  # cross-field rules (nf4 needs 4 bits, ...) live in QuantSpec
@@ -49,9 +55,10 @@ class RTNConfig(StageConfig):
 
         if self.group_size is None:
             return QuantSpec(bits=self.bits, symmetric=self.symmetric, granularity="channel",
-                             format=self.format)
+                             format=self.format, double_quant=self.double_quant)
         return QuantSpec(bits=self.bits, symmetric=self.symmetric, granularity="group",
-                         group_size=self.group_size, format=self.format)
+                         group_size=self.group_size, format=self.format,
+                         double_quant=self.double_quant)
 
 
 @dataclass(frozen=True)
