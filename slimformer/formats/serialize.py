@@ -420,3 +420,4 @@ def _fix_meta_attributes(model: nn.Module) -> None:
 # packed formats defined in their own modules register themselves on import (one line each)
 # ---------------------------------------------------------------------------------------------
 import slimformer.formats.sparse  # noqa: E402,F401  (SparseLinear: bitmask + kept values)
+import slimformer.formats.outlier  # noqa: E402,F401  (Int8OutlierLinear: LLM.int8 int8 + 16-bit outlier columns)
