@@ -5,5 +5,6 @@ from slimformer.quant import omniquant as _omniquant  # noqa: F401
 from slimformer.quant import w8a8 as _w8a8  # noqa: F401
 from slimformer.quant.smoothquant import SmoothQuantConfig
 from slimformer.quant.llm_int8 import LLMInt8Config
+from slimformer.quant.mixed import HessianSensitivityConfig, MixedPrecisionConfig
 
-__all__ = ["LLMInt8Config", "RTNConfig", "SmoothQuantConfig", "W8A8Config"]
+__all__ = ["HessianSensitivityConfig", "LLMInt8Config", "MixedPrecisionConfig", "RTNConfig", "SmoothQuantConfig", "W8A8Config"]
