@@ -14,7 +14,7 @@ overwritten, never copied.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -25,6 +25,13 @@ class StaticKVCache:
     values: list[torch.Tensor]  # per layer [B, H_kv, T, D]
     start: torch.Tensor  # [B] long, first valid slot (number of left pad slots)
     length: torch.Tensor  # [B] long, slots filled so far
+    # KV-cache eviction (slimformer.prune.kv) compacts kept slots to the front, so slot and
+    # position part ways: ``position_offset[b]`` = tokens of row ``b`` evicted so far, added to
+    # every new position. None = never evicted (slot index minus left padding is the position).
+    position_offset: Optional[torch.Tensor] = None
+    # called by the runner after each layer's attention as ``observer(layer, q [B, H, q, D],
+    # K [B, H_kv, kv_len, D], layout, scale)`` — how an eviction policy sees attention scores
+    attn_observer: Optional[Callable[..., None]] = None
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
@@ -81,6 +88,8 @@ def step_layout(cache: StaticKVCache, q: int) -> StepLayout:
     ar = torch.arange(q)
     write_idx = length[:, None] + ar  # [B, q]
     positions = (write_idx - start[:, None]).clamp_min(0)
+    if cache.position_offset is not None:
+        positions = positions + cache.position_offset[:, None]
     kv_len = int(write_idx.max()) + 1
     uniform = bool((length == length[0]).all())
     uniform_at = int(length[0]) if uniform else None

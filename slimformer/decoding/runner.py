@@ -159,6 +159,8 @@ class CausalRunner:
             qs, K, V, attn_mask=layout.mask, is_causal=layout.is_causal, scale=self.scales[i],
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # [B, H, q, D]
+        if cache.attn_observer is not None:  # e.g. heavy-hitter KV eviction scores
+            cache.attn_observer(i, qs, K, layout, self.scales[i])
         a = blk.o(a.transpose(1, 2).reshape(B, q, self.num_heads * self.head_dim))
         x = x + a
         if not blk.pre_norm:

@@ -27,11 +27,24 @@ SST2_TRAIN_SIZE = 8000
 PROBE_L2 = 1e-3
 
 
-def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states ``[B, T, H]`` of an encoder (bare or wrapped in a task head)."""
+def hidden_and_weights(model: nn.Module, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states ``[B, T', H]`` and their pooling weights ``[B, T']``.
+
+    The weights are the attention mask, unless the model returns ``token_weights`` (a
+    token-reducing encoder, :mod:`slimformer.prune.tokens`: ``T' < T`` and each surviving token
+    weighs as many input tokens as it stands for).
+    """
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     hs = getattr(out, "last_hidden_state", None)
-    return hs if hs is not None else out.hidden_states[-1]
+    hs = hs if hs is not None else out.hidden_states[-1]
+    w = getattr(out, "token_weights", None)
+    return hs, (attention_mask if w is None else w)
+
+
+def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states ``[B, T, H]`` of an encoder (bare or wrapped in a task head)."""
+    return hidden_and_weights(model, input_ids, attention_mask)[0]
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,8 +70,7 @@ def embed(lm, sentences: Sequence[str], batch_size: int = ENCODE_BATCH,
         idx = order[s:s + batch_size]
         enc = tok([sentences[i] for i in idx], padding=True, truncation=True, max_length=max_len,
                   return_tensors="pt")
-        pooled = mean_pool(last_hidden(lm.model, enc["input_ids"], enc["attention_mask"]),
-                           enc["attention_mask"]).float()
+        pooled = mean_pool(*hidden_and_weights(lm.model, enc["input_ids"], enc["attention_mask"])).float()
         if out.numel() == 0:
             out = torch.empty(len(sentences), pooled.shape[1])
         out[torch.tensor(idx)] = pooled

@@ -1,0 +1,410 @@
+"""Token pruning and token merging for encoders at inference (survey §4.1: EViT / Patch
+Slimming, ToMe).
+
+An encoder spends its compute per token; when the later blocks see fewer tokens they cost
+less. Two ways to shrink the token set after a block:
+
+* **EViT-style keep rate** (``method="evit"``): score every token by the attention it
+  receives — from ``[CLS]`` (``score="cls"``) or averaged over all real queries
+  (``score="mean"``) — keep ``[CLS]`` plus the ``ceil(keep_rate * (n - 1))`` best, and either
+  drop the rest or fuse them into one token (their attention-weighted average, EViT).
+* **ToMe** (``method="tome"``): bipartite soft matching on the block's keys (averaged over
+  heads): tokens alternate into sets A and B, each A token finds its most similar B token,
+  and the ``r`` most similar A tokens are merged into their partners by size-weighted
+  averaging.
+
+Every token carries a *size* (how many input tokens it stands for; 0 = padding / empty slot).
+With ``proportional_attention`` the following blocks add ``log(size)`` to the attention
+logits (ToMe's proportional attention: a merged token counts as the tokens it replaced), and
+mean pooling weights tokens by size, so the sentence embedding still averages over the input
+tokens. The forward returns the sizes as ``token_weights``;
+:func:`slimformer.eval.encoders.embed` pools with them.
+
+Reduction happens *between* blocks, using the attention queries/keys of the block just run
+(captured by forward hooks on its q/k projections, found through the architecture registry);
+EViT and ToMe do it between a block's attention and its MLP, which would need the block split
+open. Nothing is reduced after the last block.
+
+The math (:func:`evit_keep`, :func:`tome_merge`, :func:`compact`) is pure functions on
+tensors; :class:`TokenPrunedEncoder` is the plumbing around HF's own embedding and block
+modules (the blocks are called as they are, with an additive attention mask — the pattern of
+:mod:`slimformer.decoding.early_exit`). :func:`apply_token_pruning` swaps it in as
+``lm.model``; :func:`remove_token_pruning` restores the plain model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from slimformer.engine.stage import check_bool, check_choice, check_float_range, check_int_range
+from slimformer.errors import ConfigError, SlimformerError
+from slimformer.models.registry import ArchSpec, get_module
+
+METHODS = ("evit", "tome")
+SCORES = ("cls", "mean")
+OWNER = "token_pruning"
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass(frozen=True)
+class TokenPruningConfig:
+    """What to reduce after each block.
+
+    ``keep_rate`` (EViT) and ``r`` (ToMe) are one value for every block but the last, or a
+    sequence with one entry per block (entry ``l`` acts on block ``l``'s output; the last
+    entry must be the identity, since nothing runs after the last block).
+    """
+
+    VERSION = 1
+
+    method: str = "evit"
+    keep_rate: Union[float, tuple[float, ...]] = 1.0  # evit: fraction of non-[CLS] tokens kept
+    r: Union[int, tuple[int, ...]] = 0  # tome: tokens merged away per block
+    score: str = "cls"  # evit: attention from [CLS] or mean over real queries
+    fuse: bool = True  # evit: fuse the dropped tokens into one (else drop them)
+    proportional_attention: bool = True  # add log(size) to the attention logits
+    protect_first: bool = True  # never drop or merge token 0 ([CLS])
+
+    def __post_init__(self) -> None:
+        check_choice(OWNER, "method", self.method, METHODS)
+        check_choice(OWNER, "score", self.score, SCORES)
+        for name in ("fuse", "proportional_attention", "protect_first"):
+            check_bool(OWNER, name, getattr(self, name))
+        if isinstance(self.keep_rate, (list, tuple)):
+            object.__setattr__(self, "keep_rate", tuple(self.keep_rate))
+            if not self.keep_rate:
+                raise ConfigError(f"{OWNER}.keep_rate: empty list; allowed: a number in (0, 1] "
+                                  "or one per block")
+            for v in self.keep_rate:
+                check_float_range(OWNER, "keep_rate", v, 1e-6, 1.0)
+        else:
+            check_float_range(OWNER, "keep_rate", self.keep_rate, 1e-6, 1.0)
+        if isinstance(self.r, (list, tuple)):
+            object.__setattr__(self, "r", tuple(self.r))
+            if not self.r:
+                raise ConfigError(f"{OWNER}.r: empty list; allowed: an integer >= 0 or one per block")
+            for v in self.r:
+                check_int_range(OWNER, "r", v, 0)
+        else:
+            check_int_range(OWNER, "r", self.r, 0)
+        if self.method == "tome" and self.keep_rate != 1.0:
+            raise ConfigError(f"{OWNER}.keep_rate: only method 'evit' uses it (method is 'tome'); "
+                              "allowed: 1.0")
+        if self.method == "evit" and self.r != 0:
+            raise ConfigError(f"{OWNER}.r: only method 'tome' uses it (method is 'evit'); allowed: 0")
+
+    def schedule(self, num_blocks: int) -> list[Optional[float]]:
+        """Per block: the keep rate (evit) or r (tome) applied to its output, None = nothing."""
+        val = self.keep_rate if self.method == "evit" else self.r
+        ident = 1.0 if self.method == "evit" else 0
+        if isinstance(val, tuple):
+            if len(val) != num_blocks:
+                name = "keep_rate" if self.method == "evit" else "r"
+                raise ConfigError(f"{OWNER}.{name}: {len(val)} entries for a model with {num_blocks} "
+                                  f"blocks; allowed: one number or exactly {num_blocks} entries")
+            if val[-1] != ident:
+                name = "keep_rate" if self.method == "evit" else "r"
+                raise ConfigError(f"{OWNER}.{name}: the last block's entry must be {ident} (nothing "
+                                  f"runs after it), got {val[-1]}")
+            vals = list(val)
+        else:
+            vals = [val] * (num_blocks - 1) + [ident]
+        return [None if v == ident else v for v in vals]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("keep_rate", "r"):
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
+        return {"version": self.VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenPruningConfig":
+        d = dict(d)
+        version = d.pop("version", cls.VERSION)
+        if version != cls.VERSION:
+            raise ConfigError(f"{OWNER}.version: invalid value {version!r}; allowed: {cls.VERSION}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{OWNER}: unknown field(s) {', '.join(unknown)}; allowed: "
+                              + ", ".join(sorted(names)))
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure math: which tokens survive, and what they become
+
+
+def compact(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather indices that move the present tokens of each row to the front, in order.
+
+    ``present`` [B, T] bool -> (``idx`` [B, T'] long, ``ok`` [B, T'] bool) with ``T'`` the
+    largest count of present tokens in a row; ``ok`` is False on the slots a shorter row pads.
+    """
+    order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices  # present first
+    n = present.sum(1)  # [B]
+    t = max(int(n.max()), 1)
+    idx = order[:, :t]
+    ok = torch.arange(t)[None, :] < n[:, None]
+    return idx, ok
+
+
+def evit_keep(scores: torch.Tensor, size: torch.Tensor, keep_rate: float,
+              protect_first: bool = True) -> torch.Tensor:
+    """Which tokens to keep: [B, T] bool.
+
+    ``scores`` [B, T] (attention received), ``size`` [B, T] (0 = absent). Each row keeps
+    token 0 (if ``protect_first``) and the ``ceil(keep_rate * (n - 1))`` highest-scoring
+    other present tokens, ``n`` = its present tokens. Absent tokens are never kept.
+    """
+    present = size > 0
+    s = scores.float().masked_fill(~present, float("-inf"))
+    n = present.sum(1)  # [B]
+    n_keep = torch.ceil(keep_rate * (n - 1).clamp_min(0).float()).long()
+    if protect_first:
+        s[:, 0] = torch.where(present[:, 0], torch.tensor(float("inf")), s[:, 0])
+        n_keep = n_keep + present[:, 0].long()
+    else:
+        n_keep = torch.ceil(keep_rate * n.float()).long()
+    n_keep = torch.minimum(n_keep, n)
+    order = s.argsort(dim=1, descending=True, stable=True)  # [B, T]
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+    return (rank < n_keep[:, None]) & present
+
+
+def fuse_tokens(x: torch.Tensor, size: torch.Tensor, weight: torch.Tensor,
+                dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """EViT's fused token per row: the ``weight``-weighted mean of the dropped tokens.
+
+    ``x`` [B, T, H], ``size``/``weight`` [B, T], ``dropped`` [B, T] bool ->
+    (``fused`` [B, H], ``fused_size`` [B]: the summed sizes of the dropped tokens, 0 when a
+    row dropped nothing).
+    """
+    w = (weight.float().clamp_min(0) * dropped).to(x.dtype)  # [B, T]
+    # all-zero weights (e.g. scores underflowed) fall back to the size-weighted mean
+    w = torch.where(w.sum(1, keepdim=True) > 0, w, (size * dropped).to(x.dtype))
+    fused = (w[..., None] * x).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-12)
+    return fused, (size * dropped).sum(1)
+
+
+def tome_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int,
+               protect_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe bipartite soft matching: merge up to ``r`` tokens per row away.
+
+    ``x`` [B, T, H] features, ``metric`` [B, T, C] similarity features (keys), ``size``
+    [B, T] (0 = absent). Even positions form set A, odd ones set B; every present A token
+    (but token 0 with ``protect_first``) is matched to its most cosine-similar present B token
+    and the ``r`` best-matched A tokens are averaged into their partners, weighted by size.
+    Returns (``x``, ``size``) of the same shape, the merged A tokens with size 0; so
+    ``sum(size)`` and ``sum(size * x)`` are unchanged. Absent tokens never merge or receive.
+    """
+    if r <= 0:
+        return x, size
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a, b = m[:, ::2], m[:, 1::2]  # [B, Ta, C], [B, Tb, C]
+    sa, sb = size[:, ::2], size[:, 1::2]
+    sim = a @ b.transpose(1, 2)  # [B, Ta, Tb]
+    sim = sim.masked_fill(~(sb > 0)[:, None, :], float("-inf"))
+    can = sa > 0
+    if protect_first:
+        can = can.clone()
+        can[:, 0] = False
+    sim = sim.masked_fill(~can[:, :, None], float("-inf"))
+    best, dst = sim.max(dim=-1)  # [B, Ta]
+    ok = torch.isfinite(best)
+    order = best.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+    merged = ok & (rank < r)  # [B, Ta]
+    mw = (sa * merged).to(x.dtype)  # sizes moving from A to B
+    xa, xb = x[:, ::2], x[:, 1::2]
+    num = (xb * sb[..., None].to(x.dtype)).scatter_add(1, dst[..., None].expand(-1, -1, x.shape[-1]),
+                                                      xa * mw[..., None])
+    den = sb.to(x.dtype).scatter_add(1, dst, mw)  # [B, Tb]
+    xb_new = torch.where(den[..., None] > 0, num / den.clamp_min(1e-12)[..., None], xb)
+    out, new_size = x.clone(), size.clone()
+    out[:, 1::2] = xb_new
+    new_size[:, 1::2] = den.to(size.dtype)
+    new_size[:, ::2] = torch.where(merged, torch.zeros_like(sa), sa)
+    return out, new_size
+
+
+def attention_received(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, size: torch.Tensor,
+                       mode: str, scale: float) -> torch.Tensor:
+    """Attention each token receives, averaged over heads: [B, T].
+
+    ``q``, ``k`` [B, heads, T, D]; ``bias`` [B, 1, 1, T] the additive mask the block used.
+    ``mode="cls"``: from query 0; ``"mean"``: mean over present queries.
+    """
+    if mode == "cls":
+        logits = (q[:, :, :1] @ k.transpose(-1, -2)) * scale + bias  # [B, h, 1, T]
+        return logits.float().softmax(-1).mean(1)[:, 0]
+    logits = (q @ k.transpose(-1, -2)) * scale + bias  # [B, h, T, T]
+    p = logits.float().softmax(-1).mean(1)  # [B, T, T]
+    w = (size > 0).float()  # queries that are real
+    return (p * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+
+
+def additive_mask(size: torch.Tensor, dtype: torch.dtype, proportional: bool) -> torch.Tensor:
+    """[B, T] sizes -> [B, 1, 1, T] additive attention mask: very negative where absent,
+    ``log(size)`` on present tokens with proportional attention, else 0."""
+    neg = torch.finfo(dtype).min
+    present = size > 0
+    if proportional:
+        val = torch.where(present, size.clamp_min(1e-12).log().to(dtype), torch.full_like(size, neg, dtype=dtype))
+    else:
+        val = torch.where(present, torch.zeros((), dtype=dtype), torch.full((), neg, dtype=dtype))
+    return val[:, None, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# plumbing: run HF's modules with a shrinking token set
+
+
+@dataclass
+class TokenPrunedOutput:
+    """What the wrapper returns: HF-like attribute names, plus per-token pooling weights."""
+
+    last_hidden_state: torch.Tensor  # [B, T', H]
+    token_weights: torch.Tensor  # [B, T'] sizes (0 = padding / empty slot)
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None  # embeddings, then each block
+    logits: Optional[torch.Tensor] = None  # vision classifier on token 0, if the model has one
+
+    def __getitem__(self, i: int):
+        return (self.last_hidden_state, self.token_weights)[i]
+
+
+class TokenPrunedEncoder(nn.Module):
+    """An encoder (``bert``/``vit`` registry entries) whose token set shrinks between blocks.
+
+    Holds the original model as ``inner`` (weights shared, nothing copied or modified).
+    """
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, cfg: TokenPruningConfig):
+        super().__init__()
+        if spec.kind not in ("encoder", "vision"):
+            raise SlimformerError(f"token pruning needs an encoder or a vision transformer; "
+                                  f"architecture '{spec.name}' is a {spec.kind} model")
+        self.inner, self.spec, self.cfg = model, spec, cfg
+        self.embeddings = get_module(model, spec.resolve(model, spec.embeddings[0]))
+        self.blocks = spec.get_blocks(model)
+        fn = spec.resolve(model, spec.final_norm)
+        self.final_norm = get_module(model, fn) if fn else None
+        head = spec.resolve(model, spec.head) if spec.kind == "vision" else None
+        self.head = get_module(model, head) if head else None
+        a = spec.attention
+        if a.q is None or a.k is None:
+            raise SlimformerError(f"token pruning needs separate q/k projections; '{spec.name}' fuses them")
+        self.q_proj = [get_module(b, a.q) for b in self.blocks]
+        self.k_proj = [get_module(b, a.k) for b in self.blocks]
+        layout = spec.head_layout(model.config)
+        self.num_heads, self.head_dim = layout["num_heads"], layout["head_dim"]
+        self.plan = cfg.schedule(len(self.blocks))
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None,
+                output_hidden_states: bool = False, **_: Any) -> TokenPrunedOutput:
+        if self.spec.kind == "vision":
+            if pixel_values is None:
+                raise SlimformerError("a vision model needs pixel_values")
+            h = self.embeddings(pixel_values)
+        else:
+            if input_ids is None:
+                raise SlimformerError("an encoder needs input_ids")
+            h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        B, T = h.shape[:2]
+        size = (attention_mask.to(h.dtype) if attention_mask is not None
+                else torch.ones(B, T, dtype=h.dtype))
+        hidden = [h] if output_hidden_states else None
+        for l, blk in enumerate(self.blocks):
+            bias = additive_mask(size, h.dtype, self.cfg.proportional_attention)
+            amount = self.plan[l]
+            if amount is None:
+                h = _out(blk(h, attention_mask=bias))
+            else:
+                h, q, k = self._run_capturing(l, blk, h, bias)
+                h, size = self._reduce(h, size, q, k, bias, amount)
+            if hidden is not None:
+                hidden.append(h)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        logits = self.head(h[:, 0]) if self.head is not None else None
+        return TokenPrunedOutput(h, size, tuple(hidden) if hidden is not None else None, logits)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, T = t.shape[:2]
+        return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, h, T, D]
+
+    def _run_capturing(self, l: int, blk: nn.Module, h: torch.Tensor, bias: torch.Tensor):
+        """Run block ``l`` and keep its q/k projections (the hooks live for this call only)."""
+        got: dict[str, torch.Tensor] = {}
+        hooks = [self.k_proj[l].register_forward_hook(lambda m, i, o: got.__setitem__("k", o))]
+        if self.cfg.method == "evit":
+            hooks.append(self.q_proj[l].register_forward_hook(lambda m, i, o: got.__setitem__("q", o)))
+        try:
+            out = _out(blk(h, attention_mask=bias))
+        finally:
+            for hk in hooks:
+                hk.remove()
+        return out, got.get("q"), got["k"]
+
+    def _reduce(self, h, size, q, k, bias, amount):
+        cfg = self.cfg
+        if cfg.method == "tome":
+            metric = self._heads(k).mean(1)  # [B, T, D] keys averaged over heads
+            h, size = tome_merge(h, metric, size, int(amount), cfg.protect_first)
+            idx, ok = compact(size > 0)
+        else:
+            scores = attention_received(self._heads(q), self._heads(k), bias, size, cfg.score,
+                                        self.head_dim ** -0.5)
+            keep = evit_keep(scores, size, float(amount), cfg.protect_first)
+            if cfg.fuse:
+                dropped = (size > 0) & ~keep
+                fused, fsize = fuse_tokens(h, size, scores, dropped)
+                h = torch.cat([h, fused[:, None]], 1)
+                size = torch.cat([size * keep, fsize[:, None].to(size.dtype)], 1)
+            else:
+                size = size * keep
+            idx, ok = compact(size > 0)
+        h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
+        size = size.gather(1, idx) * ok
+        return h, size
+
+
+def _out(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+def apply_token_pruning(lm, cfg: TokenPruningConfig):
+    """Make ``lm`` reduce tokens at inference: ``lm.model`` becomes a
+    :class:`TokenPrunedEncoder` around the original model (re-applying replaces the config).
+    Returns ``lm``."""
+    if not isinstance(cfg, TokenPruningConfig):
+        raise ConfigError(f"{OWNER}: expected a TokenPruningConfig, got {type(cfg).__name__}")
+    base = lm.model.inner if isinstance(lm.model, TokenPrunedEncoder) else lm.model
+    lm.model = TokenPrunedEncoder(base, lm.arch, cfg)
+    return lm
+
+
+def remove_token_pruning(lm):
+    """Undo :func:`apply_token_pruning` (no-op on a plain model). Returns ``lm``."""
+    if isinstance(lm.model, TokenPrunedEncoder):
+        lm.model = lm.model.inner
+    return lm
