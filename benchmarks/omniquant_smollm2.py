@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--save", default=None, help="folder: each compressed model is saved to <save>/<recipe>")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -79,7 +80,8 @@ def main() -> None:
         lm = copy.copy(base)
         lm.model = copy.deepcopy(base.model)
         t = time.perf_counter()
-        q = slimformer.compress(lm, r, calibration=cal, progress=False)
+        out = None if args.save is None else Path(args.save) / Path(r).name.removesuffix(".yaml")
+        q = slimformer.compress(lm, r, out_dir=out, overwrite=True, calibration=cal, progress=False)
         c_wall = time.perf_counter() - t
         t = time.perf_counter()
         p = ppl(q.model)

@@ -91,7 +91,7 @@ class OmniQuantConfig(StageConfig):
     let: bool = True
     let_alpha: float = 0.5
     epochs: int = 2
-    samples: int = 32
+    samples: int = 16
     batch_size: int = 1
     lr_lwc: float = 5e-2
     lr_let: float = 2e-2
@@ -241,37 +241,34 @@ class _BlockProblem:
     while training)."""
 
     def __init__(self, ctx: BlockContext, cfg: OmniQuantConfig, groups: list) -> None:
+        from slimformer.engine.targets import is_linear
         from slimformer.formats import linear_weight
         from slimformer.quant.smoothquant import act_absmax_from_minmax, smooth_scales, weight_column_absmax
 
         self.ctx = ctx
         self.specs = {rel: c.spec() for rel, c in ctx.targets.items()}
-        self.conv1d = {rel for rel in ctx.targets if _is_conv1d(ctx.module(rel))}
-        base: dict[str, torch.Tensor] = {}
-        for rel in ctx.targets:
-            m = ctx.module(rel)
-            base[rel + ".weight"] = linear_weight(m).detach().to(torch.float32)
+        self.conv1d: set[str] = set()
+        base: dict[str, torch.Tensor] = {}  # "<module>.weight" ([out, in] for linears) / ".bias"
+
+        def add(rel: str, m: nn.Module) -> None:
+            if rel + ".weight" in base:
+                return
+            lin = is_linear(m)
+            base[rel + ".weight"] = (linear_weight(m) if lin else m.weight).detach().to(torch.float32)
             if getattr(m, "bias", None) is not None:
                 base[rel + ".bias"] = m.bias.detach().to(torch.float32)
+            if lin and _is_conv1d(m):
+                self.conv1d.add(rel)
+
+        for rel in ctx.targets:
+            add(rel, ctx.module(rel))
         # LET groups: (group, producer, consumers) from the shared SmoothQuant helper
         self.groups: list[LetGroup] = []
         self.log_scales: list[torch.Tensor] = []
         self.shifts: list[Optional[torch.Tensor]] = []
         for g, prev, consumers in groups:
-            from slimformer.engine.targets import is_linear
-
             prev_lin = is_linear(prev)
-            if prev_lin:
-                if g.prev + ".weight" not in base:  # a producer that is not a target
-                    base[g.prev + ".weight"] = linear_weight(prev).detach().to(torch.float32)
-                    if getattr(prev, "bias", None) is not None:
-                        base[g.prev + ".bias"] = prev.bias.detach().to(torch.float32)
-                    if _is_conv1d(prev):
-                        self.conv1d.add(g.prev)
-            else:
-                base[g.prev + ".weight"] = prev.weight.detach().to(torch.float32)
-                if getattr(prev, "bias", None) is not None:
-                    base[g.prev + ".bias"] = prev.bias.detach().to(torch.float32)
+            add(g.prev, prev)
             mm = ctx.stats[g.linears[0]]["minmax"]
             s0 = smooth_scales(act_absmax_from_minmax(mm), weight_column_absmax(consumers), cfg.let_alpha)
             shift = (not prev_lin and getattr(prev, "bias", None) is not None
