@@ -382,3 +382,28 @@ def test_smollm2_prune_20pct_removes_a_fifth_and_stays_a_language_model(smollm2)
     pruned = perplexity(lm.model, ids, window=512)["ppl"]
     # pruned without recovery is worse than dense but far from a random model (vocab 49152)
     assert dense < pruned < 49152 / 10
+
+
+def test_compress_with_a_structured_recipe_saves_and_reloads(tmp_path):
+    from slimformer.compress import compress
+
+    lm = tiny_model("llama")
+    recipe = """
+version: 1
+stages:
+- method: prune-structured
+  importance: activation
+  heads: 4
+  intermediate: 80
+  allocation: global
+  multiple_of: 16
+- method: recover
+  steps: 2
+  batch_size: 2
+  seq_len: 32
+"""
+    out = compress(lm, recipe, out_dir=tmp_path / "p", calibration={"samples": 4, "seq_len": 64}, progress=False)
+    x = _ids()
+    back = load(tmp_path / "p")
+    assert block_widths(back.model, back.arch) == block_widths(out.model, out.arch)
+    assert torch.equal(_logits(back.model, x), _logits(out.model, x))

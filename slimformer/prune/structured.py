@@ -310,8 +310,11 @@ def _check_targets(cfg: StructuredPruneConfig, n_blocks: int, heads: list[int], 
     if cfg.heads is not None and (cfg.heads % kv or cfg.heads > min(heads)):
         raise ConfigError(f"{o}.heads: invalid value {cfg.heads}; allowed: multiples of the {kv} KV heads "
                           f"from {kv} to {min(heads)} (query heads are pruned evenly within KV groups)")
-    if cfg.intermediate is not None and cfg.intermediate > min(inter):
-        raise ConfigError(f"{o}.intermediate: invalid value {cfg.intermediate}; allowed: integers 1..{min(inter)}")
+    if cfg.intermediate is not None:
+        lo = cfg.multiple_of if cfg.allocation == "global" else 1  # global: every block keeps one step
+        if not lo <= cfg.intermediate <= min(inter):
+            raise ConfigError(f"{o}.intermediate: invalid value {cfg.intermediate}; allowed: integers "
+                              f"{lo}..{min(inter)}")
 
 
 def plan_pruning(cfg: StructuredPruneConfig, scores: StructureScores, heads: list[int], inter: list[int],
