@@ -146,6 +146,10 @@ def compress(model: Any, recipe: Any, out_dir: Optional[str | os.PathLike] = Non
         result = run(lm, rec.stages, samples, options, source=source,
                      on_block_done=writer.add if writer is not None else None)
         lm.meta = {**lm.meta, **meta, "engine_seconds": round(result.seconds, 3)}
+        if source is None:
+            from slimformer.formats.fused import fuse_int8_siblings
+
+            fuse_int8_siblings(lm.model, lm.arch)  # same-input int8 linears: one GEMM, same bits
         if out is None:
             return lm
         if writer is not None:

@@ -214,3 +214,56 @@ def test_saved_weights_are_readable_like_the_other_files(tmp_path):
     compress(tiny_model("llama"), "w4-g64", out_dir=out, progress=False)
     modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in out.iterdir()}
     assert modes["model.safetensors"] == modes["config.json"], modes
+
+
+# ---------------------------------------------------------------------------------------------
+# run-time fusion of same-input int8 linears (q/k/v, gate/up)
+# ---------------------------------------------------------------------------------------------
+def _all_int8(lm):
+    bp = lm.arch.block_path(lm.model)
+    for i in range(len(lm.arch.get_blocks(lm.model))):
+        for rel in lm.arch.linear_names().values():
+            name = f"{bp}.{i}.{rel}"
+            mod = get_module(lm.model, name)
+            set_module(lm.model, name, Int8Linear.from_quantized(quantize(linear_weight(mod).detach(), W8), mod.bias))
+    return lm
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "opt"])
+def test_fused_int8_siblings_are_bit_identical_and_save_unfused(arch, tmp_path):
+    from slimformer.formats.fused import FusedInt8Slice, fuse_int8_siblings, unfuse_int8_siblings
+
+    lm = _all_int8(tiny_model(arch))
+    ids = torch.randint(0, 256, (2, 13))
+
+    def out():
+        with torch.no_grad():
+            o = lm.model(input_ids=ids)
+        return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+    ref, ref1 = out(), None
+    save_compressed(lm, tmp_path / "plain", {})
+    n_blocks = len(lm.arch.get_blocks(lm.model))
+    groups = fuse_int8_siblings(lm.model, lm.arch)
+    assert groups == n_blocks * (2 if arch == "llama" else 1)  # q/k/v (+ gate/up when gated)
+    assert any(isinstance(m, FusedInt8Slice) for m in lm.model.modules())
+    assert torch.equal(out(), ref)
+    assert torch.equal(out(), ref)  # the one-entry cache never serves a stale product
+    # saved as the plain Int8Linear modules, byte for byte
+    save_compressed(lm, tmp_path / "fused", {})
+    for f in sorted(os.listdir(tmp_path / "plain")):
+        assert (tmp_path / "plain" / f).read_bytes() == (tmp_path / "fused" / f).read_bytes(), f
+    # loading fuses again, same logits
+    lm2 = load(tmp_path / "fused")
+    assert any(isinstance(m, FusedInt8Slice) for m in lm2.model.modules())
+    with torch.no_grad():
+        o2 = lm2.model(input_ids=ids)
+    assert torch.equal(o2.logits if hasattr(o2, "logits") else o2.last_hidden_state, ref)
+    assert unfuse_int8_siblings(lm.model) > 0 and torch.equal(out(), ref)
+
+
+def test_fusion_skips_mixed_groups():
+    from slimformer.formats.fused import fuse_int8_siblings
+
+    lm = _compress(tiny_model("llama"), mixed=True)  # q int8, k/v 4-bit: nothing to fuse
+    assert fuse_int8_siblings(lm.model, lm.arch) == 0
