@@ -135,7 +135,8 @@ def _module_tensors(name: str, m: nn.Module) -> tuple[dict[str, torch.Tensor], d
     if kind not in MODULE_FORMATS:
         raise SlimformerError(f"no saved format registered for {kind} ({name})")
     t, extra = MODULE_FORMATS[kind][1](m)
-    info: dict[str, Any] = {"type": kind, "in_features": m.in_features, "out_features": m.out_features}
+    # a run-time variant (e.g. a fused int8 slice) saves as the plain module it stands for
+    info: dict[str, Any] = {"type": getattr(type(m), "SAVED_TYPE", kind), "in_features": m.in_features, "out_features": m.out_features}
     info.update(extra)
     if m.bias is not None:
         t["bias"] = m.bias
@@ -342,6 +343,9 @@ def load_compressed(path: str | os.PathLike):
     if left:
         raise SlimformerError(f"'{path}' lacks tensors for {', '.join(left[:5])}")
     _fix_meta_attributes(model)
+    from slimformer.formats.fused import fuse_int8_siblings
+
+    fuse_int8_siblings(model, arch)  # q/k/v and gate/up share one int8 GEMM (bit-identical)
 
     tok = None
     if arch.kind != "vision":
@@ -421,3 +425,6 @@ def _fix_meta_attributes(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------
 import slimformer.formats.sparse  # noqa: E402,F401  (SparseLinear: bitmask + kept values)
 import slimformer.formats.outlier  # noqa: E402,F401  (Int8OutlierLinear: LLM.int8 int8 + 16-bit outlier columns)
+from slimformer.formats import fused as _fused  # noqa: E402
+
+register_module_format(_fused.FusedInt8Slice, _quant_to_tensors, _build_int8_linear)
