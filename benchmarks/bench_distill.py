@@ -136,16 +136,27 @@ def run_minilm(a) -> dict:
 
 
 def report(a) -> None:
-    runs = [json.loads(Path(p).read_text()) for p in a.files]
+    allruns = [json.loads(Path(p).read_text()) for p in a.files]
+    for r in [r for r in allruns if r["experiment"] == "minilm"]:
+        t = r["train"]
+        print(f"MiniLM -> blocks {r['kept_blocks']}: STS-B teacher {r['teacher_stsb']:.2f}, student before "
+              f"{r['student0_stsb']:.2f}, after {len(t['loss'])} steps {r['final_stsb']:.2f} "
+              f"(teacher - student {r['teacher_stsb'] - r['final_stsb']:.2f} points; {t['steps_per_s']:.3f} steps/s); "
+              f"curve (step, STS-B on first pairs): {[(s, round(v, 2)) for s, v in t['evals']]}")
+    runs = [r for r in allruns if r["experiment"] == "smollm2"]
+    if not runs:
+        return
     print(f"{'run':34s} {'steps':>5s} {'steps/s':>8s} {'PPL start':>10s} {'PPL end':>8s} "
-          f"{'x teacher':>9s} {'gap recovered':>13s}")
+          f"{'x teacher':>9s} {'gap recovered':>13s} {'log-gap recovered':>17s}")
     for r in runs:
+        s0, t0, f = r["student0_quick_ppl"], r["teacher_quick_ppl"], r["final_quick_ppl"]
+        log_gap = (math.log(s0) - math.log(f)) / (math.log(s0) - math.log(t0))
         t = r["train"]
         label = f"{r['run']} {r['student']} " + (f"{t['config']['kd_loss']} T={t['config']['temperature']}"
                                                  if r["run"] == "kd" else "")
         print(f"{label:34s} {len(t['loss']):5d} {t['steps_per_s']:8.3f} {r['student0_quick_ppl']:10.2f} "
               f"{r['final_quick_ppl']:8.2f} {r['final_quick_ppl'] / r['teacher_quick_ppl']:9.3f} "
-              f"{100 * r['gap_recovered']:12.1f}%")
+              f"{100 * r['gap_recovered']:12.1f}% {100 * log_gap:16.1f}%")
     print(f"teacher quick PPL {runs[0]['teacher_quick_ppl']:.2f}")
     if len(runs) >= 2:
         a0, b0 = runs[0], runs[1]
@@ -161,7 +172,6 @@ def report(a) -> None:
             xs = [s for s, _ in r["train"]["evals"]]
             ys = [v for _, v in r["train"]["evals"]]
             ax.plot(xs, ys, marker="o", label=f"{r['run']} (end quick PPL {r['final_quick_ppl']:.1f})")
-        ev = runs[0]["train"]["config"]
         ax.axhline(runs[0]["teacher_quick_ppl"], color="gray", ls="--", label="teacher (quick PPL)")
         ax.set_yscale("log")
         ax.set_xlabel("training step")
