@@ -92,7 +92,7 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "bert"])
 def test_let_transform_leaves_fp32_block_unchanged(arch):
     lm = tiny_model(arch)
     block, cache, rest = _block0(lm)
@@ -107,8 +107,8 @@ def test_let_transform_leaves_fp32_block_unchanged(arch):
         for d in problem.shifts:
             if d is not None:
                 d.add_(torch.randn_like(d))
-    if arch == "llama":
-        assert all(d is None for d in problem.shifts)  # RMSNorm has no bias: scale only
+    if arch in ("llama", "bert"):  # RMSNorm has no bias; BERT's only group is v -> o: scale only
+        assert all(d is None for d in problem.shifts)
     else:
         assert any(d is not None for d in problem.shifts)  # LayerNorm with bias: shift is learned
     params = problem.tensors(quant=False)
