@@ -68,7 +68,8 @@ def run_smollm2(a) -> dict:
     cfg = TrainConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, warmup=a.warmup,
                       seed=a.seed, eval_every=a.eval_every, kd_loss=a.kd_loss, temperature=a.temperature,
                       beta=a.beta, kd_weight=a.kd_weight, checkpoint_dir=a.checkpoint_dir,
-                      checkpoint_every=a.checkpoint_every if a.checkpoint_dir else 0, progress=not a.no_progress)
+                      checkpoint_every=a.checkpoint_every if a.checkpoint_dir else 0, stop_after=a.stop_after,
+                      progress=not a.no_progress)
     tlog = train(student.model, data, cfg, loss="kd" if a.run == "kd" else "lm",
                  teacher=teacher.model if a.run == "kd" else None,
                  eval_fn=lambda m: _ppl(m, ids, a.eval_windows), resume=a.resume)
@@ -209,6 +210,9 @@ def main() -> None:
     s.add_argument("--checkpoint-dir", default=None)
     s.add_argument("--checkpoint-every", type=int, default=25)
     s.add_argument("--resume", action="store_true")
+    s.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps (schedule still over --steps); with --resume from a "
+                        "checkpoint at that step: no training, just the final evaluation")
     s.add_argument("--save", default=None, help="save the trained student here")
     m = sub.add_parser("minilm")
     m.add_argument("--steps", type=int, default=400)

@@ -176,7 +176,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     fresh = tiny_model("llama", seed=99)  # a different model: everything must come from the checkpoint
     log_b = train(fresh.model, x, TrainConfig(**cfg, checkpoint_dir=ck, checkpoint_every=2), eval_fn=evalf,
                   resume=True)
-    assert log_b.resumed_from == 3 and log_b.trained_steps == 3
+    assert log_b.resumed_from == 3 and log_b.trained_steps == 6 and log_b.seconds >= log_a.seconds
     assert log_b.loss == log_full.loss and log_b.lr == log_full.lr
     assert log_b.evals == log_full.evals
     for (n, p), q in zip(full.model.state_dict().items(), fresh.model.state_dict().values()):

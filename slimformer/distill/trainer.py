@@ -117,9 +117,9 @@ class TrainLog:
     loss: list = field(default_factory=list)
     lr: list = field(default_factory=list)
     evals: list = field(default_factory=list)
-    seconds: float = 0.0  # wall time of this process's steps, evaluations excluded
+    seconds: float = 0.0  # wall time of the training steps, evaluations excluded (all processes of a resumed run)
     eval_seconds: float = 0.0
-    trained_steps: int = 0  # steps run in this process (a resumed run skips the earlier ones)
+    trained_steps: int = 0  # steps timed in ``seconds``
     tokens_per_step: int = 0
     resumed_from: Optional[int] = None
     stopped_early: bool = False
@@ -227,6 +227,8 @@ def train(student: nn.Module, batches: Union[TokenBatches, torch.Tensor], cfg: T
             extra.load_state_dict(st["loss_module"])
         for k in ("steps", "loss", "lr", "evals"):
             setattr(tlog, k, list(st["log"][k]))
+        for k in ("seconds", "eval_seconds", "trained_steps"):
+            setattr(tlog, k, st["log"].get(k, 0))
         start = tlog.resumed_from = int(st["step"])
         log.info("resumed from %s at step %d", ckpt, start)
     elif resume:
@@ -265,7 +267,11 @@ def train(student: nn.Module, batches: Union[TokenBatches, torch.Tensor], cfg: T
             from tqdm.auto import tqdm
 
             bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True)
-        t0, e0 = time.perf_counter(), tlog.eval_seconds
+        t0, e0, s0 = time.perf_counter(), tlog.eval_seconds, tlog.seconds
+
+        def clock() -> None:  # steps' wall time so far, evaluations excluded
+            tlog.seconds = s0 + time.perf_counter() - t0 - (tlog.eval_seconds - e0)
+
         for step in range(start, end):
             batch = next(it)
             tlog.tokens_per_step = int(batch["attention_mask"].sum())
@@ -289,8 +295,9 @@ def train(student: nn.Module, batches: Union[TokenBatches, torch.Tensor], cfg: T
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 evaluate(step)
             if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                clock()
                 _save(ckpt, state())
-        tlog.seconds = time.perf_counter() - t0 - (tlog.eval_seconds - e0)
+        clock()
         if bar is not None:
             bar.close()
         step = end
