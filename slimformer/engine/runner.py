@@ -317,11 +317,12 @@ def _batches(states: ActivationCache, rest: list[tuple[tuple, dict]]):
 
 def _calibrate(block: nn.Module, kinds: dict[str, tuple[str, ...]], states: ActivationCache,
                rest: list[tuple[tuple, dict]]) -> dict[str, dict]:
-    """Run every batch through ``block`` with observers on the target linears."""
+    """Run every batch through ``block`` with observers on the target linears (linears fed
+    the same tensor, e.g. q/k/v, share one set: one Hessian per distinct input)."""
     from slimformer.observers import attach
 
     mods = {rel: block.get_submodule(rel) for rel in kinds}
-    with attach(mods, kinds) as obs:
+    with attach(mods, kinds, share_inputs=True) as obs:
         for h, (a, kw) in zip(states, rest):
             block_forward(block, h, a, kw)
         return obs.results()

@@ -20,9 +20,16 @@ value: GPTQ's damping ``λ·mean(diag H)`` then means the same thing for any cal
 
 Observers are attached to modules with forward pre-hooks by :func:`attach` and must be
 removed after (``with attach(...) as obs:``); nothing is stored on the modules.
+
+Linears that read the very same input tensor (q/k/v after one norm, gate/up after another)
+would each accumulate an identical statistic: with ``attach(..., share_inputs=True)`` the
+first of them observes and the others reuse its observers (one Hessian per input, not per
+linear), so ``results()[k] is results()[q]``. Sharing is decided by tensor identity on the
+first batch and checked on every later one.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Any, ClassVar, Iterator, Optional
 
@@ -159,20 +166,48 @@ def make_observer(name: str) -> Observer:
 
 
 class ObserverSet:
-    """Observers keyed by module name then observer name, attached by forward pre-hooks."""
+    """Observers keyed by module name then observer name, attached by forward pre-hooks.
 
-    def __init__(self) -> None:
+    ``share_inputs``: a module whose input is the same live tensor (same object, unmodified)
+    that another module with the same observer kinds just observed reuses that module's
+    observers instead of accumulating a copy (see the module docstring).
+    """
+
+    def __init__(self, share_inputs: bool = False) -> None:
         self.observers: dict[str, dict[str, Observer]] = {}
         self._handles: list = []
+        self.share_inputs = share_inputs
+        self.shared: dict[str, str] = {}  # module -> the module whose observers it reuses
+        self._last: dict[tuple[str, ...], tuple] = {}  # kinds -> (weakref(x), version, owner)
+        self._calls: dict[str, int] = {}
+
+    def _owner(self, name: str, kinds: tuple[str, ...], x: torch.Tensor) -> Optional[str]:
+        """The module that already observed ``x`` in this forward (or None: observe it)."""
+        last = self._last.get(kinds)
+        owner = last[2] if (last is not None and last[0]() is x and last[1] == x._version
+                            and last[2] != name) else None
+        calls = self._calls[name] = self._calls.get(name, 0) + 1
+        if calls == 1 and owner is not None:
+            self.shared[name] = owner
+        elif self.shared.get(name) != owner:
+            raise SlimformerError(f"observers: module '{name}' read the input of "
+                                  f"'{self.shared.get(name) or owner}' on some calibration batches "
+                                  "but not on others; attach with share_inputs=False")
+        if owner is None:
+            self._last[kinds] = (weakref.ref(x), x._version, name)
+        return owner
 
     def add(self, name: str, module: nn.Module, kinds: tuple[str, ...]) -> None:
         obs = {k: make_observer(k) for k in kinds}
         if not obs:
             return
         self.observers[name] = obs
+        key = tuple(kinds)
 
         def hook(_mod: nn.Module, args: tuple) -> None:
             x = args[0]
+            if self.share_inputs and self._owner(name, key, x) is not None:
+                return  # the owner's observers already saw this very tensor
             for o in obs.values():
                 o.observe(x)
 
@@ -184,14 +219,20 @@ class ObserverSet:
         self._handles.clear()
 
     def results(self) -> dict[str, dict[str, Any]]:
-        return {n: {k: o.result() for k, o in obs.items()} for n, obs in self.observers.items()}
+        out = {n: {k: o.result() for k, o in obs.items()}
+               for n, obs in self.observers.items() if n not in self.shared}
+        for n, owner in self.shared.items():
+            out[n] = out[owner]  # the same objects: one statistic per distinct input
+        return out
 
 
 @contextmanager
-def attach(modules: dict[str, nn.Module], kinds: dict[str, tuple[str, ...]]) -> Iterator[ObserverSet]:
+def attach(modules: dict[str, nn.Module], kinds: dict[str, tuple[str, ...]],
+           share_inputs: bool = False) -> Iterator[ObserverSet]:
     """Attach ``kinds[name]`` observers to each ``modules[name]``; hooks are removed on exit
-    (also on error), so a failed calibration never leaves hooks behind."""
-    s = ObserverSet()
+    (also on error), so a failed calibration never leaves hooks behind. ``share_inputs``:
+    modules fed the same tensor share one set of observers (see :class:`ObserverSet`)."""
+    s = ObserverSet(share_inputs)
     try:
         for name, mod in modules.items():
             s.add(name, mod, kinds.get(name, ()))
