@@ -5,7 +5,8 @@ from slimformer.quant import omniquant as _omniquant  # noqa: F401
 from slimformer.quant import w8a8 as _w8a8  # noqa: F401
 from slimformer.quant.smoothquant import SmoothQuantConfig
 from slimformer.quant.gptq import GPTQConfig
+from slimformer.quant.awq import AWQConfig
 from slimformer.quant.llm_int8 import LLMInt8Config
 from slimformer.quant.mixed import HessianSensitivityConfig, MixedPrecisionConfig
 
-__all__ = ["GPTQConfig", "HessianSensitivityConfig", "LLMInt8Config", "MixedPrecisionConfig", "RTNConfig", "SmoothQuantConfig", "W8A8Config"]
+__all__ = ["AWQConfig", "GPTQConfig", "HessianSensitivityConfig", "LLMInt8Config", "MixedPrecisionConfig", "RTNConfig", "SmoothQuantConfig", "W8A8Config"]
