@@ -123,11 +123,12 @@ def test_window_eviction_equals_masked_dense_model(llama):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_h2o_eviction_keeps_budget_and_matches_its_own_choices(llama):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_h2o_eviction_keeps_budget_and_matches_its_own_choices(llama, normalize):
     """Run H2O, recording which slots each layer/head kept; the cache must then hold exactly
     those tokens' keys (checked against a fresh dense pass over the same prefix)."""
     T, c = 40, 4
-    cfg = KVPruningConfig(policy="h2o", budget=0.5, chunk=c, sinks=2)
+    cfg = KVPruningConfig(policy="h2o", budget=0.5, chunk=c, sinks=2, normalize=normalize)
     runner = CausalRunner(llama)
     M = cfg.budget_tokens(T)
     cache = runner.new_cache(1, M)
@@ -142,6 +143,9 @@ def test_h2o_eviction_keeps_budget_and_matches_its_own_choices(llama):
         runner.forward(ids[s:s + c][None], cache)
         assert int(cache.position_offset[0]) + int(cache.length[0]) == s + c  # positions continue
     assert pruner.evicted == T - int(cache.length[0]) > 0
+    n = int(cache.length[0])
+    for layer in range(runner.exit_layer):  # the slot -> position book-keeping normalize uses
+        assert (pruner.pos[layer][0, :, n - c:n] == torch.arange(T - c, T)).all()
     # layer 0's keys depend only on token and position, so every kept slot must hold exactly
     # the key one token had in a dense run: slots are never mixed up, positions stay true
     dense = runner.new_cache(1, T)

@@ -38,6 +38,15 @@ def test_config_validation_names_field():
         TokenPruningConfig(method="evit", r=2)  # r belongs to tome
     with pytest.raises(ConfigError, match="score"):
         TokenPruningConfig(score="max")
+    with pytest.raises(ConfigError, match="token_pruning.dropped"):
+        TokenPruningConfig(dropped="forget")
+    with pytest.raises(ConfigError, match="merge_rate"):
+        TokenPruningConfig(method="tome", merge_rate=0.6)  # bipartite: at most half merge
+    with pytest.raises(ConfigError, match="merge_rate"):
+        TokenPruningConfig(method="tome", r=2, merge_rate=0.1)
+    with pytest.raises(ConfigError, match="merge_rate"):
+        TokenPruningConfig(merge_rate=0.1)  # evit
+    assert TokenPruningConfig(method="tome", merge_rate=0.25).schedule(3) == [0.25, 0.25, None]
     cfg = TokenPruningConfig(keep_rate=[0.9, 1.0])
     with pytest.raises(ConfigError, match="3 entries"):
         cfg.schedule(3)
@@ -48,8 +57,9 @@ def test_config_validation_names_field():
 
 
 def test_config_round_trips():
-    for cfg in (TokenPruningConfig(keep_rate=[0.5, 0.7, 1.0], score="mean", fuse=False),
-                TokenPruningConfig(method="tome", r=3, proportional_attention=False)):
+    for cfg in (TokenPruningConfig(keep_rate=[0.5, 0.7, 1.0], score="mean", dropped="drop"),
+                TokenPruningConfig(method="tome", r=3, proportional_attention=False),
+                TokenPruningConfig(method="tome", merge_rate=[0.2, 0.1, 0.0])):
         d = cfg.to_dict()
         assert TokenPruningConfig.from_dict(d) == cfg
     with pytest.raises(ConfigError, match="unknown"):
@@ -98,6 +108,17 @@ def test_tome_merge_preserves_size_and_weighted_mean():
     assert s2[:, 0].tolist() == size[:, 0].tolist()  # [CLS] neither merges nor receives (A set)
     x0, s0 = tome_merge(x, metric, size, r=0)
     assert torch.equal(x0, x) and torch.equal(s0, size)
+
+
+def test_tome_per_row_counts():
+    g = torch.Generator().manual_seed(2)
+    x, metric = torch.randn(3, 12, 4, generator=g), torch.randn(3, 12, 4, generator=g)
+    size = torch.ones(3, 12)
+    size[2, 5:] = 0
+    x2, s2 = tome_merge(x, metric, size, torch.tensor([0, 3, 5]))
+    removed = ((size > 0) & (s2 == 0)).sum(1)
+    assert removed.tolist() == [0, 3, 2]  # row 2: only 2 mergeable A tokens (2, 4) besides [CLS]
+    torch.testing.assert_close(s2.sum(1), size.sum(1))
 
 
 def test_tome_merges_most_similar_pair():
@@ -172,8 +193,10 @@ def test_proportional_attention_equals_duplicated_tokens():
 
 
 @pytest.mark.parametrize("cfg", [TokenPruningConfig(keep_rate=0.5),
-                                 TokenPruningConfig(keep_rate=0.5, score="mean", fuse=False),
-                                 TokenPruningConfig(method="tome", r=5)])
+                                 TokenPruningConfig(keep_rate=0.5, score="mean", dropped="drop"),
+                                 TokenPruningConfig(keep_rate=0.5, dropped="pool"),
+                                 TokenPruningConfig(method="tome", r=5),
+                                 TokenPruningConfig(method="tome", merge_rate=0.3)])
 def test_pruning_shrinks_tokens_and_keeps_padding_out(cfg):
     lm = tiny_model("bert", seed=1)
     lm.model.config.num_hidden_layers  # noqa: B018 (2 blocks: one reduction)
@@ -186,7 +209,7 @@ def test_pruning_shrinks_tokens_and_keeps_padding_out(cfg):
     assert (n_out < n_in).all()
     assert out.last_hidden_state.shape[1] == int(n_out.max()) < ids.shape[1]
     assert len(out.hidden_states) == 3
-    if cfg.method == "tome" or cfg.fuse:  # every input token is accounted for once
+    if cfg.method == "tome" or cfg.dropped != "drop":  # every input token is accounted for once
         torch.testing.assert_close(out.token_weights.sum(1), n_in.float())
     else:
         assert torch.equal(out.token_weights[out.token_weights > 0], torch.ones(int(n_out.sum())))
@@ -221,8 +244,8 @@ def test_minilm_pruned_embeddings_stay_close(minilm):
     sents = [p[0] for p in stsb_data("test")[:64]]
     base = dataclasses.replace(minilm)
     ref = embed(base, sents)
-    for cfg in (TokenPruningConfig(keep_rate=1.0), TokenPruningConfig(method="tome", r=2),
-                TokenPruningConfig(keep_rate=0.7)):
+    for cfg in (TokenPruningConfig(keep_rate=1.0), TokenPruningConfig(method="tome", merge_rate=0.1),
+                TokenPruningConfig(keep_rate=0.8)):
         lm = apply_token_pruning(dataclasses.replace(minilm), cfg)
         cos = torch.nn.functional.cosine_similarity(embed(lm, sents), ref, dim=-1)
         if cfg.method == "evit" and cfg.keep_rate == 1.0:

@@ -8,7 +8,8 @@ full some cached tokens must go. Two policies:
   dumps probability mass on them, so dropping them breaks the model) and the most recent ones.
 * ``h2o``: heavy-hitter oracle — keep the sinks, a recent window, and, in the rest of the
   budget, the tokens with the largest attention *accumulated* over every query so far (per
-  layer and, by default, per KV head: different heads keep different tokens).
+  layer and, by default, per KV head: different heads keep different tokens). The sum favours
+  old tokens (more queries have seen them); ``normalize`` divides by that number of queries.
 
 Cached keys are stored after the rotary embedding, so an evicted token leaves the kept ones
 with their original positions; new tokens continue at their true positions
@@ -52,6 +53,7 @@ class KVPruningConfig:
     sinks: int = 4
     recent_fraction: float = 0.5  # h2o: share of the non-sink budget kept as recent window
     per_head: bool = True  # h2o: each KV head keeps its own heavy hitters
+    normalize: bool = False  # h2o: mean attention per query that saw the token, not the sum
     chunk: int = 16  # tokens fed per forward when scoring a window
 
     def __post_init__(self) -> None:
@@ -60,6 +62,7 @@ class KVPruningConfig:
         check_int_range(OWNER, "sinks", self.sinks, 0)
         check_float_range(OWNER, "recent_fraction", self.recent_fraction, 0.0, 1.0)
         check_bool(OWNER, "per_head", self.per_head)
+        check_bool(OWNER, "normalize", self.normalize)
         check_int_range(OWNER, "chunk", self.chunk, 1)
 
     def budget_tokens(self, context: int) -> int:
@@ -163,6 +166,8 @@ class KVPruner:
         if cfg.policy == "h2o":
             B, Hkv, T, _ = cache.keys[0].shape
             self.scores = [torch.zeros(B, Hkv, T) for _ in cache.keys]
+            # position of the token in each slot (per layer and head: heads evict differently)
+            self.pos = [torch.arange(T).expand(B, Hkv, T).clone() for _ in cache.keys]
             cache.attn_observer = self.observe
 
     def observe(self, layer: int, q: torch.Tensor, K: torch.Tensor, layout: StepLayout,
@@ -190,11 +195,17 @@ class KVPruner:
             recent = round(self.cfg.recent_fraction * (keep - self.cfg.sinks))
             for layer in range(len(cache.keys)):
                 s = self.scores[layer][:, :, :length]  # [B, Hkv, length]
+                if self.cfg.normalize:  # queries so far that saw each slot: causal, all of them
+                    seen = (self.evicted + length) - self.pos[layer][:, :, :length]
+                    s = s / seen.clamp_min(1)
                 if not self.cfg.per_head:
                     s = s.sum(1, keepdim=True).expand_as(s)
                 idx = heavy_hitter_keep(s, keep, self.cfg.sinks, recent)  # [B, Hkv, keep]
                 self.scores[layer][:, :, :keep] = self.scores[layer][:, :, :length].gather(2, idx)
                 self.scores[layer][:, :, keep:] = 0
+                self.pos[layer][:, :, :keep] = self.pos[layer][:, :, :length].gather(2, idx)
+                self.pos[layer][:, :, keep:] = torch.arange(self.evicted + length,
+                                                            self.evicted + length + self.pos[layer].shape[2] - keep)
                 gi = idx[..., None].expand(-1, -1, -1, cache.keys[layer].shape[-1])
                 for t in (cache.keys[layer], cache.values[layer]):
                     t[:, :, :keep] = t[:, :, :length].gather(2, gi)

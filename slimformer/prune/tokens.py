@@ -6,8 +6,11 @@ less. Two ways to shrink the token set after a block:
 
 * **EViT-style keep rate** (``method="evit"``): score every token by the attention it
   receives — from ``[CLS]`` (``score="cls"``) or averaged over all real queries
-  (``score="mean"``) — keep ``[CLS]`` plus the ``ceil(keep_rate * (n - 1))`` best, and either
-  drop the rest or fuse them into one token (their attention-weighted average, EViT).
+  (``score="mean"``) — keep ``[CLS]`` plus the ``ceil(keep_rate * (n - 1))`` best. The rest
+  are fused into one token that runs on (``dropped="fuse"``, EViT), dropped (``"drop"``), or
+  leave early (``"pool"``): they skip the later blocks but their state when they left still
+  counts in the output's mean pooling, as one size-weighted extra token (what a mean-pooled
+  sentence encoder needs; it has no effect on a [CLS] classifier).
 * **ToMe** (``method="tome"``): bipartite soft matching on the block's keys (averaged over
   heads): tokens alternate into sets A and B, each A token finds its most similar B token,
   and the ``r`` most similar A tokens are merged into their partners by size-weighted
@@ -47,6 +50,7 @@ from slimformer.models.registry import ArchSpec, get_module
 
 METHODS = ("evit", "tome")
 SCORES = ("cls", "mean")
+DROPPED = ("fuse", "drop", "pool")
 OWNER = "token_pruning"
 
 
@@ -58,7 +62,9 @@ OWNER = "token_pruning"
 class TokenPruningConfig:
     """What to reduce after each block.
 
-    ``keep_rate`` (EViT) and ``r`` (ToMe) are one value for every block but the last, or a
+    ``keep_rate`` (EViT) and ``r`` or ``merge_rate`` (ToMe; a fixed count suits images, a
+    share of each row's tokens suits text of mixed lengths) are one value for every block but
+    the last, or a
     sequence with one entry per block (entry ``l`` acts on block ``l``'s output; the last
     entry must be the identity, since nothing runs after the last block).
     """
@@ -68,15 +74,17 @@ class TokenPruningConfig:
     method: str = "evit"
     keep_rate: Union[float, tuple[float, ...]] = 1.0  # evit: fraction of non-[CLS] tokens kept
     r: Union[int, tuple[int, ...]] = 0  # tome: tokens merged away per block
+    merge_rate: Union[float, tuple[float, ...]] = 0.0  # tome: or this fraction of each row's tokens
     score: str = "cls"  # evit: attention from [CLS] or mean over real queries
-    fuse: bool = True  # evit: fuse the dropped tokens into one (else drop them)
+    dropped: str = "fuse"  # evit: what becomes of pruned tokens: fuse | drop | pool
     proportional_attention: bool = True  # add log(size) to the attention logits
     protect_first: bool = True  # never drop or merge token 0 ([CLS])
 
     def __post_init__(self) -> None:
         check_choice(OWNER, "method", self.method, METHODS)
         check_choice(OWNER, "score", self.score, SCORES)
-        for name in ("fuse", "proportional_attention", "protect_first"):
+        check_choice(OWNER, "dropped", self.dropped, DROPPED)
+        for name in ("proportional_attention", "protect_first"):
             check_bool(OWNER, name, getattr(self, name))
         if isinstance(self.keep_rate, (list, tuple)):
             object.__setattr__(self, "keep_rate", tuple(self.keep_rate))
@@ -95,6 +103,21 @@ class TokenPruningConfig:
                 check_int_range(OWNER, "r", v, 0)
         else:
             check_int_range(OWNER, "r", self.r, 0)
+        if isinstance(self.merge_rate, (list, tuple)):
+            object.__setattr__(self, "merge_rate", tuple(self.merge_rate))
+            if not self.merge_rate:
+                raise ConfigError(f"{OWNER}.merge_rate: empty list; allowed: a number in [0, 0.5] "
+                                  "or one per block")
+            for v in self.merge_rate:
+                check_float_range(OWNER, "merge_rate", v, 0.0, 0.5)
+        else:
+            check_float_range(OWNER, "merge_rate", self.merge_rate, 0.0, 0.5)
+        if self.method == "evit" and self.merge_rate != 0.0:
+            raise ConfigError(f"{OWNER}.merge_rate: only method 'tome' uses it (method is 'evit'); "
+                              "allowed: 0.0")
+        if self.method == "tome" and self.r != 0 and self.merge_rate != 0.0:
+            raise ConfigError(f"{OWNER}.merge_rate: set r or merge_rate, not both (r={self.r!r}); "
+                              "allowed: 0.0 when r is set")
         if self.method == "tome" and self.keep_rate != 1.0:
             raise ConfigError(f"{OWNER}.keep_rate: only method 'evit' uses it (method is 'tome'); "
                               "allowed: 1.0")
@@ -102,16 +125,16 @@ class TokenPruningConfig:
             raise ConfigError(f"{OWNER}.r: only method 'tome' uses it (method is 'evit'); allowed: 0")
 
     def schedule(self, num_blocks: int) -> list[Optional[float]]:
-        """Per block: the keep rate (evit) or r (tome) applied to its output, None = nothing."""
-        val = self.keep_rate if self.method == "evit" else self.r
-        ident = 1.0 if self.method == "evit" else 0
+        """Per block: the keep rate (evit), r or merge rate (tome) applied to its output, None =
+        nothing."""
+        name = "keep_rate" if self.method == "evit" else ("merge_rate" if self.merge_rate else "r")
+        val = getattr(self, name)
+        ident = {"keep_rate": 1.0, "r": 0, "merge_rate": 0.0}[name]
         if isinstance(val, tuple):
             if len(val) != num_blocks:
-                name = "keep_rate" if self.method == "evit" else "r"
                 raise ConfigError(f"{OWNER}.{name}: {len(val)} entries for a model with {num_blocks} "
                                   f"blocks; allowed: one number or exactly {num_blocks} entries")
             if val[-1] != ident:
-                name = "keep_rate" if self.method == "evit" else "r"
                 raise ConfigError(f"{OWNER}.{name}: the last block's entry must be {ident} (nothing "
                                   f"runs after it), got {val[-1]}")
             vals = list(val)
@@ -121,7 +144,7 @@ class TokenPruningConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("keep_rate", "r"):
+        for k in ("keep_rate", "r", "merge_rate"):
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
         return {"version": self.VERSION, **d}
@@ -197,9 +220,10 @@ def fuse_tokens(x: torch.Tensor, size: torch.Tensor, weight: torch.Tensor,
     return fused, (size * dropped).sum(1)
 
 
-def tome_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int,
-               protect_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """ToMe bipartite soft matching: merge up to ``r`` tokens per row away.
+def tome_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor,
+               r: Union[int, torch.Tensor], protect_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe bipartite soft matching: merge up to ``r`` tokens per row away (``r`` an int, or
+    a [B] tensor of per-row counts).
 
     ``x`` [B, T, H] features, ``metric`` [B, T, C] similarity features (keys), ``size``
     [B, T] (0 = absent). Even positions form set A, odd ones set B; every present A token
@@ -208,7 +232,8 @@ def tome_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int
     Returns (``x``, ``size``) of the same shape, the merged A tokens with size 0; so
     ``sum(size)`` and ``sum(size * x)`` are unchanged. Absent tokens never merge or receive.
     """
-    if r <= 0:
+    r = torch.as_tensor(r).reshape(-1)  # [1] or [B]
+    if int(r.max()) <= 0:
         return x, size
     m = metric.float()
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -226,7 +251,7 @@ def tome_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int
     order = best.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
-    merged = ok & (rank < r)  # [B, Ta]
+    merged = ok & (rank < r[:, None])  # [B, Ta]
     mw = (sa * merged).to(x.dtype)  # sizes moving from A to B
     xa, xb = x[:, ::2], x[:, 1::2]
     num = (xb * sb[..., None].to(x.dtype)).scatter_add(1, dst[..., None].expand(-1, -1, x.shape[-1]),
@@ -333,6 +358,8 @@ class TokenPrunedEncoder(nn.Module):
         size = (attention_mask.to(h.dtype) if attention_mask is not None
                 else torch.ones(B, T, dtype=h.dtype))
         hidden = [h] if output_hidden_states else None
+        # tokens that left early under dropped="pool": size-weighted sum of their states, sizes
+        exit_sum, exit_size = torch.zeros(B, h.shape[-1], dtype=h.dtype), torch.zeros(B, dtype=h.dtype)
         for l, blk in enumerate(self.blocks):
             bias = additive_mask(size, h.dtype, self.cfg.proportional_attention)
             amount = self.plan[l]
@@ -340,9 +367,15 @@ class TokenPrunedEncoder(nn.Module):
                 h = _out(blk(h, attention_mask=bias))
             else:
                 h, q, k = self._run_capturing(l, blk, h, bias)
-                h, size = self._reduce(h, size, q, k, bias, amount)
+                h, size, left = self._reduce(h, size, q, k, bias, amount)
+                if left is not None:
+                    exit_sum += left[0]
+                    exit_size += left[1]
             if hidden is not None:
                 hidden.append(h)
+        if bool((exit_size > 0).any()):  # the early leavers join the output as one token per row
+            h = torch.cat([h, (exit_sum / exit_size.clamp_min(1e-12)[:, None])[:, None]], 1)
+            size = torch.cat([size, exit_size[:, None]], 1)
         if self.final_norm is not None:
             h = self.final_norm(h)
         logits = self.head(h[:, 0]) if self.head is not None else None
@@ -366,26 +399,41 @@ class TokenPrunedEncoder(nn.Module):
         return out, got.get("q"), got["k"]
 
     def _reduce(self, h, size, q, k, bias, amount):
+        """Tokens after one block's reduction: (h, size, leavers or None)."""
         cfg = self.cfg
         if cfg.method == "tome":
             metric = self._heads(k).mean(1)  # [B, T, D] keys averaged over heads
-            h, size = tome_merge(h, metric, size, int(amount), cfg.protect_first)
-            idx, ok = compact(size > 0)
-        else:
-            scores = attention_received(self._heads(q), self._heads(k), bias, size, cfg.score,
-                                        self.head_dim ** -0.5)
-            keep = evit_keep(scores, size, float(amount), cfg.protect_first)
-            if cfg.fuse:
-                dropped = (size > 0) & ~keep
-                fused, fsize = fuse_tokens(h, size, scores, dropped)
-                h = torch.cat([h, fused[:, None]], 1)
-                size = torch.cat([size * keep, fsize[:, None].to(size.dtype)], 1)
+            if isinstance(amount, float):  # merge_rate: a share of each row's present tokens
+                r = torch.floor(amount * (size > 0).sum(1).float()).long()
             else:
-                size = size * keep
-            idx, ok = compact(size > 0)
+                r = int(amount)
+            h, size = tome_merge(h, metric, size, r, cfg.protect_first)
+            return (*self._compact(h, size), None)
+        left = None
+        scores = self._scores(q, k, bias, size)
+        keep = evit_keep(scores, size, float(amount), cfg.protect_first)
+        dropped = (size > 0) & ~keep
+        if cfg.dropped == "fuse":
+            fused, fsize = fuse_tokens(h, size, scores, dropped)
+            h = torch.cat([h, fused[:, None]], 1)
+            size = torch.cat([size * keep, fsize[:, None].to(size.dtype)], 1)
+        else:
+            if cfg.dropped == "pool":  # [B, H] size-weighted sum and [B] size of the leavers
+                w = size * dropped
+                left = ((w[..., None] * h).sum(1), w.sum(1))
+            size = size * keep
+        return (*self._compact(h, size), left)
+
+    def _scores(self, q, k, bias, size) -> torch.Tensor:
+        return attention_received(self._heads(q), self._heads(k), bias, size, self.cfg.score,
+                                  self.head_dim ** -0.5)
+
+    @staticmethod
+    def _compact(h, size):
+        """Move the tokens with size > 0 to the front; cut the slots no row needs."""
+        idx, ok = compact(size > 0)
         h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
-        size = size.gather(1, idx) * ok
-        return h, size
+        return h, size.gather(1, idx) * ok
 
 
 def _out(o):

@@ -1,0 +1,137 @@
+"""MiniLM-L6 token pruning / merging vs the unpruned encoder in one process (issue 5).
+
+For each setting: STS-B test Spearman (slimformer.eval.encoders.stsb, mean pooling weighted by
+token size) and encode throughput as a ratio to the unpruned model, timed with
+slimformer.eval.speed (interleaved runs, median) on
+
+* STS-B sentences batched as the STS-B eval batches them (64 per batch, longest first —
+  sentences are ~10-25 tokens, so a batch is short and padded), and
+* 128-token WikiText-2 passages (``--long`` texts): where token reduction has room to pay;
+  quality there is the mean cosine between pruned and unpruned embeddings (no labels).
+
+Target (issue 5): throughput >= 1.3x with STS-B drop <= 1 point. Timing: run under the lock
+
+    flock /tmp/slimformer-cpu.lock python benchmarks/bench_token_pruning.py --runs 5 --json /tmp/tp.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+
+import torch
+
+from common import emit
+
+log = logging.getLogger("bench_token_pruning")
+
+DEFAULT_CONFIGS = "evit:0.9,evit:0.7,evit:0.5,evit-mean:0.7,evit-drop:0.7,tome:2,tome:4,tome:8,tome:16"
+
+
+def parse_config(spec: str):
+    """``evit:0.7`` / ``evit-mean:0.7`` / ``evit-drop:0.7`` / ``evit-pool:0.7`` / ``tome:4`` (r)
+    / ``tome-rate:0.1`` (merge_rate) -> TokenPruningConfig."""
+    from slimformer.prune.tokens import TokenPruningConfig
+
+    name, _, val = spec.partition(":")
+    if name == "tome":
+        return TokenPruningConfig(method="tome", r=int(val))
+    if name == "tome-rate":
+        return TokenPruningConfig(method="tome", merge_rate=float(val))
+    kw = {"keep_rate": float(val)}
+    if name == "evit-mean":
+        kw["score"] = "mean"
+    elif name == "evit-drop":
+        kw["dropped"] = "drop"
+    elif name == "evit-pool":
+        kw["dropped"] = "pool"
+    elif name != "evit":
+        raise SystemExit(f"unknown config '{spec}'")
+    return TokenPruningConfig(**kw)
+
+
+def long_texts(tok, n: int, tokens: int) -> list[str]:
+    """``n`` passages of ``tokens`` MiniLM tokens cut from the WikiText-2 test text."""
+    from slimformer.data import wikitext2_test_text
+
+    ids = tok(wikitext2_test_text()[:400_000], add_special_tokens=False)["input_ids"]
+    step = tokens - 2  # [CLS] and [SEP] come back when the text is encoded
+    return [tok.decode(ids[i * step:(i + 1) * step]) for i in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS)
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per model (median)")
+    ap.add_argument("--sentences", type=int, default=512, help="STS-B sentences per timed run")
+    ap.add_argument("--long", type=int, default=128, help="128-token passages per timed run (0 skips)")
+    ap.add_argument("--long-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--skip-speed", action="store_true", help="quality only")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from slimformer import load
+    from slimformer.eval.encoders import ENCODE_BATCH, embed, stsb
+    from slimformer.eval.speed import SpeedConfig, _interleaved_medians, speed_metrics
+    from slimformer.prune.tokens import apply_token_pruning
+
+    lm = load("minilm-l6")
+    base = dataclasses.replace(lm)
+    s_base = stsb(base, show_progress=False)["spearman"]
+    log.info("unpruned STS-B %.3f", s_base)
+    texts = long_texts(lm.tokenizer, args.long, args.long_tokens) if args.long else []
+    ref_long = embed(base, texts) if texts else None
+    speed_cfg = SpeedConfig(encoder_sentences=args.sentences, encoder_batch=ENCODE_BATCH,
+                            runs=args.runs, warmup=1)
+
+    def time_long(m) -> float:
+        t0 = time.perf_counter()
+        embed(m, texts)
+        return time.perf_counter() - t0
+
+    rows = []
+    for spec in args.configs.split(","):
+        cfg = parse_config(spec)
+        p = apply_token_pruning(dataclasses.replace(lm), cfg)
+        s = stsb(p, show_progress=False)["spearman"]
+        row = {"config": spec, "settings": cfg.to_dict(), "stsb": s, "stsb_delta": s - s_base}
+        if texts:
+            row["long_cosine"] = float(torch.nn.functional.cosine_similarity(embed(p, texts), ref_long).mean())
+        if not args.skip_speed:
+            sp = speed_metrics(p, baseline=base, config=speed_cfg, show_progress=False)
+            row.update(stsb_sent_s=sp["sentences_s"], base_stsb_sent_s=sp["baseline_sentences_s"],
+                       stsb_speedup=sp["encode_speedup"])
+            if texts:
+                t_p, t_b = _interleaved_medians([lambda: time_long(p), lambda: time_long(base)],
+                                                speed_cfg, False, "long")
+                row.update(long_texts_s=len(texts) / t_p, base_long_texts_s=len(texts) / t_b,
+                           long_speedup=t_b / t_p)
+        rows.append(row)
+        log.info("%s: %s", spec, {k: (round(v, 4) if isinstance(v, float) else v)
+                                  for k, v in row.items() if k != "settings"})
+
+    print(f"\nMiniLM-L6 token pruning; unpruned STS-B {s_base:.2f}; {torch.get_num_threads()} threads; "
+          f"speed = medians of {args.runs} interleaved runs, ratio to unpruned in the same process\n")
+    print("| setting | STS-B | Δ points | STS-B batches speed-up | 128-tok speed-up | 128-tok cosine | "
+          "target on STS-B batches (≥1.3x, ≥-1 pt) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        sp = r.get("stsb_speedup")
+        lp = r.get("long_speedup")
+        ok = ""
+        if sp is not None:
+            ok = "yes" if sp >= 1.3 and r["stsb_delta"] >= -1.0 else "no"
+        print(f"| {r['config']} | {r['stsb']:.2f} | {r['stsb_delta']:+.2f} | "
+              f"{'%.2fx' % sp if sp else '-'} | {'%.2fx' % lp if lp else '-'} | "
+              f"{'%.4f' % r['long_cosine'] if 'long_cosine' in r else '-'} | {ok} |")
+    emit({"stsb_base": s_base, "runs": args.runs, "threads": torch.get_num_threads(), "rows": rows},
+         args.json)
+
+
+if __name__ == "__main__":
+    main()
