@@ -12,6 +12,8 @@ Prints one table row per pair: PPL, compression wall time, peak RSS of each side
 
 A pair is OUR_RECIPE:THEIR_SCHEME (recipe name or YAML path; scheme from llmc_run.SCHEMES);
 ``OUR_RECIPE:-`` runs ours alone (schemes llm-compressor refuses), ``-:THEIR_SCHEME`` theirs alone.
+``--samples N`` (< 128) calibrates both sides on the first N of the 128 protocol sequences (a
+smaller budget when the machine is too loaded for the full one; the sampler's draws are a prefix).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ CALIB = CACHE / "calib_smollm2_128x512.pt"
 VENV_PY = ROOT / ".venv-llmc" / "bin" / "python"
 
 
-def ours(recipe: str, windows: int, threads: int | None, save: Path | None) -> dict:
+def ours(recipe: str, windows: int, threads: int | None, save: Path | None, samples: int = 128) -> dict:
     """Compress in a child process so peak RSS is this method's alone."""
     code = f"""
 import json, resource, time, torch
@@ -40,9 +42,9 @@ lm = slimformer.load({str(FP32)!r})
 from slimformer.data import calibration_samples
 # the protocol's samples are exactly the tensor llm-compressor gets (make_calib.py draws them
 # with the same function); check it rather than trust it
-assert torch.equal(calibration_samples(lm.tokenizer, 128, 512), torch.load({str(CALIB)!r}))
+assert torch.equal(calibration_samples(lm.tokenizer, {samples}, 512), torch.load({str(CALIB)!r})[:{samples}])
 t = time.perf_counter()
-q = slimformer.compress(lm, {recipe!r}, progress=False)
+q = slimformer.compress(lm, {recipe!r}, progress=False, calibration={{"samples": {samples}}})
 wall = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 disk = None
@@ -61,17 +63,24 @@ print(json.dumps({{"ppl": ppl, "wall_s": wall, "peak_rss_mb": rss, "disk_bytes":
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def theirs(scheme: str, windows: int, threads: int | None) -> dict:
+def theirs(scheme: str, windows: int, threads: int | None, samples: int = 128) -> dict:
     js = CACHE / "llmc" / f"{scheme}.json"
     js.parent.mkdir(parents=True, exist_ok=True)
+    calib = CALIB
+    if samples != 128:
+        import torch
+
+        calib = CACHE / f"calib_smollm2_{samples}x512.pt"
+        torch.save(torch.load(str(CALIB))[:samples].clone(), str(calib))
     cmd = [str(VENV_PY), str(ROOT / "benchmarks/peers/llmc_run.py"), "--model", str(FP32),
-           "--scheme", scheme, "--calib", str(CALIB), "--out", str(CACHE / "llmc" / scheme),
+           "--scheme", scheme, "--calib", str(calib), "--out", str(CACHE / "llmc" / scheme),
            "--json", str(js), "--windows", str(windows)]
     if threads:
         cmd += ["--threads", str(threads)]
     subprocess.run(cmd, check=False, capture_output=True, text=True)
     r = json.loads(js.read_text())
-    return {"ppl": r.get("ppl_quick"), "wall_s": r.get("wall_s"), "peak_rss_mb": r.get("peak_rss_mb"),
+    ppl = r.get("ppl_quick") if r.get("ppl_quick") is not None else r.get("ppl")  # "ppl" when windows != 16
+    return {"ppl": ppl, "wall_s": r.get("wall_s"), "peak_rss_mb": r.get("peak_rss_mb"),
             "disk_bytes": r.get("disk_bytes"),
             "error": None if r.get("ok") else str(r.get("error", "")).split("\n")[0][:160]}
 
@@ -91,6 +100,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads on both sides")
     ap.add_argument("--save", action="store_true", help="also save our model and report its bytes on disk")
     ap.add_argument("--json", type=Path, help="write all rows here")
+    ap.add_argument("--samples", type=int, default=128, choices=range(1, 129), metavar="1..128",
+                    help="calibration sequences on both sides (first N of the 128)")
     a = ap.parse_args()
     for need in (FP32, VENV_PY, CALIB):
         if not need.exists():
@@ -102,8 +113,8 @@ def main() -> None:
         if not peer:
             sys.exit(f"--pair {pair!r}: expected OUR_RECIPE:THEIR_SCHEME ('-' for one side only)")
         save = CACHE / "ours" / Path(mine).stem if a.save and mine != "-" else None
-        o = ours(mine, a.windows, a.threads, save) if mine != "-" else {"ppl": None, "error": "not run"}
-        t = theirs(peer, a.windows, a.threads) if peer != "-" else {"ppl": None, "error": "not run"}
+        o = ours(mine, a.windows, a.threads, save, a.samples) if mine != "-" else {"ppl": None, "error": "not run"}
+        t = theirs(peer, a.windows, a.threads, a.samples) if peer != "-" else {"ppl": None, "error": "not run"}
         rows.append({"ours_recipe": mine, "their_scheme": peer, "ours": o, "theirs": t})
         print(f"done {pair}: ours {o} | theirs {t}", file=sys.stderr, flush=True)
     print("| slimformer recipe | llm-compressor scheme | our PPL | their PPL | PPL ratio | our s | their s | "
