@@ -59,8 +59,8 @@ def run_smollm2(a) -> dict:
     out = {"experiment": "smollm2", "run": a.run, "teacher": a.teacher, "student": a.student,
            "kept_blocks": student.meta.get("kept_blocks"), "threads": a.threads}
     t0 = time.perf_counter()
-    out["teacher_quick_ppl"] = a.teacher_ppl if a.teacher_ppl else _ppl(teacher.model, ids, 16)
-    out["student0_quick_ppl"] = a.student0_ppl if a.student0_ppl else _ppl(student.model, ids, 16)
+    out["teacher_quick_ppl"] = a.teacher_ppl if a.teacher_ppl else _ppl(teacher.model, ids, a.final_windows)
+    out["student0_quick_ppl"] = a.student0_ppl if a.student0_ppl else _ppl(student.model, ids, a.final_windows)
     out["eval_seconds_start"] = time.perf_counter() - t0
     print(json.dumps({k: out[k] for k in ("teacher_quick_ppl", "student0_quick_ppl")}), flush=True)
     data = text_batches(teacher.tokenizer, a.batch_size, a.seq_len, source=a.data, seed=a.seed)
@@ -75,7 +75,8 @@ def run_smollm2(a) -> dict:
                  eval_fn=lambda m: _ppl(m, ids, a.eval_windows), resume=a.resume)
     out["train"] = tlog.to_dict()
     t1 = time.perf_counter()
-    out["final_quick_ppl"] = _ppl(student.model, ids, 16)
+    out["final_windows"] = a.final_windows
+    out["final_quick_ppl"] = _ppl(student.model, ids, a.final_windows)
     out["eval_seconds_end"] = time.perf_counter() - t1
     gap = out["student0_quick_ppl"] - out["teacher_quick_ppl"]
     out["gap_recovered"] = (out["student0_quick_ppl"] - out["final_quick_ppl"]) / gap if gap > 0 else float("nan")
@@ -153,7 +154,7 @@ def report(a) -> None:
         s0, t0, f = r["student0_quick_ppl"], r["teacher_quick_ppl"], r["final_quick_ppl"]
         log_gap = (math.log(s0) - math.log(f)) / (math.log(s0) - math.log(t0))
         t = r["train"]
-        label = f"{r['run']} {r['student']} " + (f"{t['config']['kd_loss']} T={t['config']['temperature']}"
+        label = f"{r['run']} {Path(r['student']).name} w{r.get('final_windows', 16)} " + (f"{t['config']['kd_loss']} T={t['config']['temperature']}"
                                                  if r["run"] == "kd" else "")
         print(f"{label:34s} {len(t['loss']):5d} {t['steps_per_s']:8.3f} {r['student0_quick_ppl']:10.2f} "
               f"{r['final_quick_ppl']:8.2f} {r['final_quick_ppl'] / r['teacher_quick_ppl']:9.3f} "
@@ -207,6 +208,9 @@ def main() -> None:
     s.add_argument("--kd-weight", type=float, default=1.0)
     s.add_argument("--eval-every", type=int, default=25)
     s.add_argument("--eval-windows", type=int, default=4)
+    s.add_argument("--final-windows", type=int, default=16,
+                   help="windows of the start/end evaluation (16 = the protocol's quick eval); pass "
+                        "--teacher-ppl/--student0-ppl measured on the same number of windows")
     s.add_argument("--checkpoint-dir", default=None)
     s.add_argument("--checkpoint-every", type=int, default=25)
     s.add_argument("--resume", action="store_true")
