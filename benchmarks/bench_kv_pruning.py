@@ -33,7 +33,10 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=32, help="tokens fed per forward")
     ap.add_argument("--budgets", default="0.25,0.5,0.75,1.0")
-    ap.add_argument("--policies", default="window,h2o")
+    ap.add_argument("--policies", default="window,h2o",
+                    help="window, h2o, h2o-norm (h2o with normalize)")
+    ap.add_argument("--first-window", type=int, default=0,
+                    help="skip this many windows (tune on windows not reported)")
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--recent-fraction", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
@@ -49,7 +52,7 @@ def main() -> None:
     from slimformer.prune.kv import KVPruningConfig, kv_pruned_perplexity
 
     lm = load("smollm2-135m")
-    ids = tokenize_wikitext2(lm.tokenizer)
+    ids = tokenize_wikitext2(lm.tokenizer)[args.first_window * args.window:]
     budgets = [float(b) for b in args.budgets.split(",")]
     policies = args.policies.split(",")
 
@@ -60,8 +63,9 @@ def main() -> None:
     rows = []
     for budget in budgets:
         for policy in policies if budget < 1.0 else policies[:1]:  # 100%: no eviction, one run
-            cfg = KVPruningConfig(policy=policy, budget=budget, sinks=args.sinks,
-                                  recent_fraction=args.recent_fraction, chunk=args.chunk)
+            cfg = KVPruningConfig(policy=policy.split("-")[0], budget=budget, sinks=args.sinks,
+                                  recent_fraction=args.recent_fraction, chunk=args.chunk,
+                                  normalize=policy.endswith("-norm"))
             t0 = time.perf_counter()
             res = kv_pruned_perplexity(lm, ids, cfg, window=args.window, max_windows=args.windows)
             dt = time.perf_counter() - t0
@@ -73,7 +77,8 @@ def main() -> None:
             log.info("%s budget %.2f (%d slots): PPL %.4f (%.3fx dense) in %.0fs", policy, budget,
                      res["budget_tokens"], res["ppl"], res["ppl"] / dense["ppl"], dt)
 
-    print(f"\nSmolLM2-135M WikiText-2, {args.windows} x {args.window}-token windows, chunk {args.chunk}, "
+    print(f"\nSmolLM2-135M WikiText-2, windows {args.first_window}..{args.first_window + args.windows - 1} "
+          f"of {args.window} tokens, chunk {args.chunk}, recent fraction {args.recent_fraction}, "
           f"{args.sinks} sinks; dense PPL (eval.ppl) {dense['ppl']:.4f}\n")
     print("| KV budget | slots | " + " | ".join(f"{p} PPL (x dense)" for p in policies)
           + " | h2o <= window |")
@@ -82,8 +87,9 @@ def main() -> None:
         by = {r["policy"]: r for r in rows if r["budget"] == budget}
         cells = [f"{by[p]['ppl']:.3f} ({by[p]['ratio_to_dense']:.3f}x)" for p in policies]
         ok = ""
-        if "h2o" in by and "window" in by:
-            ok = "yes" if by["h2o"]["ppl"] <= by["window"]["ppl"] + 1e-9 else "NO"
+        h2o = [p for p in policies if p.startswith("h2o") and p in by]
+        if h2o and "window" in by:
+            ok = ", ".join(f"{p}: {'yes' if by[p]['ppl'] <= by['window']['ppl'] + 1e-9 else 'NO'}" for p in h2o)
         print(f"| {budget:.0%} | {by[policies[0]]['budget_tokens']} | " + " | ".join(cells) + f" | {ok} |")
 
     if args.plot:
@@ -105,7 +111,8 @@ def main() -> None:
         fig.savefig(args.plot, dpi=120)
         log.info("plot written to %s", args.plot)
 
-    emit({"dense_ppl": dense["ppl"], "windows": args.windows, "window": args.window,
+    emit({"dense_ppl": dense["ppl"], "first_window": args.first_window, "windows": args.windows,
+          "window": args.window,
           "chunk": args.chunk, "sinks": args.sinks, "recent_fraction": args.recent_fraction,
           "rows": rows}, args.json)
 

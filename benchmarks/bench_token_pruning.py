@@ -26,7 +26,7 @@ from common import emit
 
 log = logging.getLogger("bench_token_pruning")
 
-DEFAULT_CONFIGS = "evit:0.9,evit:0.7,evit:0.5,evit-mean:0.7,evit-drop:0.7,tome:2,tome:4,tome:8,tome:16"
+DEFAULT_CONFIGS = "evit:0.9,evit:0.85,evit:0.8,evit:0.7,tome-rate:0.05,tome-rate:0.1,tome-rate:0.2,tome:1"
 
 
 def parse_config(spec: str):

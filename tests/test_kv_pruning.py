@@ -191,3 +191,25 @@ def test_rejects_padded_rows(llama):
     cache.start = torch.tensor([0, 3])
     with pytest.raises(Exception, match="unpadded"):
         KVPruner(KVPruningConfig(), cache, 16)
+
+
+# ---- real model ------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_smollm2_full_budget_and_window_eviction_match_dense(smollm2):
+    from slimformer.eval.ppl import tokenize_wikitext2
+
+    T, c = 256, 32
+    ids = tokenize_wikitext2(smollm2.tokenizer)[:T]
+    runner = CausalRunner(smollm2)
+    with torch.no_grad():
+        ref = smollm2.model(input_ids=ids[None]).logits[0].float()
+    full = kv_pruned_logits(runner, ids, KVPruningConfig(policy="h2o", budget=1.0, chunk=c))
+    torch.testing.assert_close(full, ref, rtol=1e-3, atol=1e-3)
+    cfg = KVPruningConfig(policy="window", budget=0.5, chunk=c)
+    M = cfg.budget_tokens(T)
+    sets = [(s, list(range(s)) if s + c <= M else
+             list(range(cfg.sinks)) + list(range(s - (M - c - cfg.sinks), s))) for s in range(0, T, c)]
+    mask = _reference_mask(T, c, sets)[None, None]
+    with torch.no_grad():
+        masked = smollm2.model(input_ids=ids[None], attention_mask=mask).logits[0].float()
+    torch.testing.assert_close(kv_pruned_logits(runner, ids, cfg), masked, rtol=1e-3, atol=1e-3)
