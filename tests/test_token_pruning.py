@@ -252,3 +252,10 @@ def test_minilm_pruned_embeddings_stay_close(minilm):
             assert cos.min() > 0.99999
         else:
             assert 0.9 < cos.mean() < 0.99999  # changed, but still the same sentence
+
+
+def test_wrapper_owns_no_second_copy_of_the_weights():
+    lm = tiny_model("bert")
+    keys = set(lm.model.state_dict())
+    apply_token_pruning(lm, TokenPruningConfig(method="tome", r=2))
+    assert set(lm.model.state_dict()) == {"inner." + k for k in keys}

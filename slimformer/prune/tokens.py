@@ -322,12 +322,15 @@ class TokenPrunedEncoder(nn.Module):
             raise SlimformerError(f"token pruning needs an encoder or a vision transformer; "
                                   f"architecture '{spec.name}' is a {spec.kind} model")
         self.inner, self.spec, self.cfg = model, spec, cfg
-        self.embeddings = get_module(model, spec.resolve(model, spec.embeddings[0]))
-        self.blocks = spec.get_blocks(model)
+        # plain attributes (a tuple / object.__setattr__), not registered submodules: the
+        # weights belong to ``inner`` alone (no duplicate names in state_dict or size counts)
         fn = spec.resolve(model, spec.final_norm)
-        self.final_norm = get_module(model, fn) if fn else None
         head = spec.resolve(model, spec.head) if spec.kind == "vision" else None
-        self.head = get_module(model, head) if head else None
+        for name, mod in (("embeddings", get_module(model, spec.resolve(model, spec.embeddings[0]))),
+                          ("final_norm", get_module(model, fn) if fn else None),
+                          ("head", get_module(model, head) if head else None)):
+            object.__setattr__(self, name, mod)
+        self.blocks = tuple(spec.get_blocks(model))
         a = spec.attention
         if a.q is None or a.k is None:
             raise SlimformerError(f"token pruning needs separate q/k projections; '{spec.name}' fuses them")
