@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--save", default=str(CACHE / "smollm2-prune20"))
     ap.add_argument("--json", default=str(CACHE / "bench_structured.json"))
+    ap.add_argument("--only-variants", action="store_true", help="score --variants only (dense row from "
+                    "--resume's JSON), no recovery or speed: for a second process while the first waits")
     ap.add_argument("--resume", action="store_true", help="reuse the dense/pruned rows of --json and the "
                     "pruned model saved in --save (a run that was stopped after pruning)")
     args = ap.parse_args()
@@ -98,7 +100,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     # only one model lives in memory at a time (the shared machine OOM-killed a run holding the
     # dense model, the pruned one and the training activations together)
-    prev = json.loads(Path(args.json).read_text()) if args.resume and Path(args.json).exists() else None
+    args.resume_from, args.json_variants = args.json, str(Path(args.json).with_suffix("")) + "-variants.json"
+    prev = None if args.only_variants else (
+        json.loads(Path(args.json).read_text()) if args.resume and Path(args.json).exists() else None)
     if prev is not None:  # continue a stopped run from its saved pruned model and measured rows
         main_lm = load(args.save)
         rows: list[dict] = prev["rows"][:2]
@@ -135,6 +139,13 @@ def main() -> None:
         return lm
 
     extra = [v for v in args.variants.split(",") if v and v != args.main]
+    if args.only_variants:
+        rows = [json.loads(Path(args.resume_from).read_text())["rows"][0]]
+        n_dense, p_dense = rows[0]["params"], rows[0]["ppl"]
+        args.json = args.json_variants
+        for name in extra:
+            prune_variant(name, save=False)
+        return
     if prev is None:
         dense = load_dense()
         rows = []
