@@ -440,3 +440,18 @@ def test_size_counts_compressed_linears_logically_and_by_held_bytes():
                    if type(m).__name__ == "Int8Linear")
     # int8 weights held by fbgemm (invisible to buffers()) are counted: 1/4 of fp32 + scales
     assert b0 - 0.75 * lin_fp32 <= memory_bytes(q.model) <= b0 - 0.70 * lin_fp32
+
+
+def test_prefill_times_the_next_token_logits_unless_asked_for_all():
+    from slimformer.eval.speed import SpeedConfig, prefill_seconds
+
+    lm = tiny_model("llama")
+    seen = []
+    h = lm.model.lm_head.register_forward_hook(lambda m, a, o: seen.append(tuple(o.shape)))
+    ids = torch.randint(0, 256, (1, 9))
+    prefill_seconds(lm.model, ids)
+    prefill_seconds(lm.model, ids, last_logits_only=False)
+    h.remove()
+    assert seen[0][1] == 1 and seen[1][1] == 9  # head ran on 1 position, then on all 9
+    with pytest.raises(SlimformerError, match="prefill_logits"):
+        SpeedConfig(prefill_logits="some")

@@ -37,8 +37,13 @@ class SpeedConfig:
     runs: int = 3
     warmup: int = 1
     seed: int = 0
+    # "last": prefill produces the next-token logits only, as generation does (HF generate
+    # passes logits_to_keep=1); "all": logits for every prompt position (a scoring forward)
+    prefill_logits: str = "last"
 
     def __post_init__(self) -> None:
+        if self.prefill_logits not in ("last", "all"):
+            raise SlimformerError(f"SpeedConfig.prefill_logits must be 'last' or 'all' (got {self.prefill_logits!r})")
         for name in ("prefill_tokens", "decode_prompt_tokens", "decode_tokens", "encoder_sentences",
                      "encoder_batch", "runs"):
             if getattr(self, name) <= 0:
@@ -67,9 +72,14 @@ def _prompt(model: nn.Module, n: int, seed: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
+def prefill_seconds(model: nn.Module, ids: torch.Tensor, last_logits_only: bool = True) -> float:
+    """Seconds of one forward over the prompt ``ids``; with ``last_logits_only`` (and a model
+    whose forward takes ``logits_to_keep``) the head runs for the last position only."""
+    kw = {}
+    if last_logits_only and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kw["logits_to_keep"] = 1
     t0 = time.perf_counter()
-    model(input_ids=ids, use_cache=False)
+    model(input_ids=ids, use_cache=False, **kw)
     return time.perf_counter() - t0
 
 
@@ -129,11 +139,13 @@ def _causal_speed(lms: list, cfg: SpeedConfig, show: bool) -> list[dict]:
     n_new = min(cfg.decode_tokens, limit - n_prompt)
     pre = [_prompt(lm.model, n_prefill, cfg.seed) for lm in lms]
     dec = [_prompt(lm.model, n_prompt, cfg.seed + 1) for lm in lms]
-    t_pre = _interleaved_medians([lambda m=lm.model, x=x: prefill_seconds(m, x) for lm, x in zip(lms, pre)],
+    last = cfg.prefill_logits == "last"
+    t_pre = _interleaved_medians([lambda m=lm.model, x=x: prefill_seconds(m, x, last) for lm, x in zip(lms, pre)],
                                  cfg, show, "prefill")
     t_dec = _interleaved_medians([lambda m=lm.model, x=x: decode_seconds(m, x, n_new) for lm, x in zip(lms, dec)],
                                  cfg, show, "decode")
-    return [{"prefill_ms": 1000 * tp, "prefill_tokens": n_prefill, "decode_tok_s": n_new / td,
+    return [{"prefill_ms": 1000 * tp, "prefill_tokens": n_prefill, "prefill_logits": cfg.prefill_logits,
+             "decode_tok_s": n_new / td,
              "decode_tokens": n_new} for tp, td in zip(t_pre, t_dec)]
 
 
