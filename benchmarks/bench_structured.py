@@ -62,6 +62,16 @@ def variant_config(name: str, heads: int, inter: int, samples: int) -> Structure
                                  multiple_of=64 if alloc == "global" else 1, samples=samples)
 
 
+def print_speed(speed: dict, runs: int) -> None:
+    print()
+    print("| speed (median of %d, same process, threads %d) | dense | pruned | pruned / dense |" % (runs, speed["threads"]))
+    print("|---|---|---|---|")
+    print(f"| prefill {speed['prefill_tokens']} tokens (ms) | {speed['baseline_prefill_ms']:.1f} | "
+          f"{speed['prefill_ms']:.1f} | {speed['prefill_speedup']:.3f}x faster |")
+    print(f"| greedy decode {speed['decode_tokens']} tokens (tok/s) | {speed['baseline_decode_tok_s']:.1f} | "
+          f"{speed['decode_tok_s']:.1f} | {speed['decode_speedup']:.3f}x faster |")
+
+
 def load_dense():
     return load("smollm2-135m")
 
@@ -87,6 +97,8 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--save", default=str(CACHE / "smollm2-prune20"))
     ap.add_argument("--json", default=str(CACHE / "bench_structured.json"))
+    ap.add_argument("--speed-only", action="store_true", help="only time the model saved in --save against "
+                    "dense (under --lock); JSON next to --json with a -speed suffix")
     ap.add_argument("--only-variants", action="store_true", help="score --variants only (dense row from "
                     "--resume's JSON), no recovery or speed: for a second process while the first waits")
     ap.add_argument("--resume", action="store_true", help="reuse the dense/pruned rows of --json and the "
@@ -96,6 +108,14 @@ def main() -> None:
 
     t0 = time.perf_counter()
     threads0 = torch.get_num_threads()
+    if args.speed_only:
+        pruned_lm, dense = load(args.save), load_dense()
+        with cpu_lock(args.lock):
+            sp = speed_metrics(pruned_lm, baseline=dense, config=SpeedConfig(runs=args.runs), show_progress=False)
+        print_speed(sp, args.runs)
+        out = str(Path(args.json).with_suffix("")) + "-speed.json"
+        Path(out).write_text(json.dumps({"args": vars(args), "speed": sp}, indent=2, default=str) + "\n")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     # only one model lives in memory at a time (the shared machine OOM-killed a run holding the
@@ -199,13 +219,7 @@ def main() -> None:
         print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['params'] / n_dense:.3f}x | {r['ppl']:.3f} | "
               f"{r['ppl'] / p_dense:.3f}x |")
     if speed:
-        print()
-        print("| speed (median of %d, same process, threads %d) | dense | pruned | pruned / dense |" % (args.runs, speed["threads"]))
-        print("|---|---|---|---|")
-        print(f"| prefill {speed['prefill_tokens']} tokens (ms) | {speed['baseline_prefill_ms']:.1f} | "
-              f"{speed['prefill_ms']:.1f} | {speed['prefill_speedup']:.3f}x faster |")
-        print(f"| greedy decode {speed['decode_tokens']} tokens (tok/s) | {speed['baseline_decode_tok_s']:.1f} | "
-              f"{speed['decode_tok_s']:.1f} | {speed['decode_speedup']:.3f}x faster |")
+        print_speed(speed, args.runs)
     dump()
     print(f"\ntotal {time.perf_counter() - t0:.0f}s; json: {args.json}")
 
