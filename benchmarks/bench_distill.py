@@ -56,6 +56,8 @@ def run_smollm2(a) -> dict:
         student = layer_drop_student(teacher, n, rule)
     else:
         student = slimformer.load(a.student)
+        for p in student.model.parameters():  # a reloaded folder comes back frozen
+            p.requires_grad_(p.is_floating_point())
     out = {"experiment": "smollm2", "run": a.run, "teacher": a.teacher, "student": a.student,
            "kept_blocks": student.meta.get("kept_blocks"), "threads": a.threads}
     t0 = time.perf_counter()
@@ -156,7 +158,8 @@ def report(a) -> None:
         t = r["train"]
         label = f"{r['run']} {Path(r['student']).name} w{r.get('final_windows', 16)} " + (f"{t['config']['kd_loss']} T={t['config']['temperature']}"
                                                  if r["run"] == "kd" else "")
-        print(f"{label:34s} {len(t['loss']):5d} {t['steps_per_s']:8.3f} {r['student0_quick_ppl']:10.2f} "
+        sps = f"{t['steps_per_s']:8.3f}" if t["seconds"] >= 1 else f"{'n/a':>8s}"  # untimed (pre-fix checkpoint)
+        print(f"{label:34s} {len(t['loss']):5d} {sps} {r['student0_quick_ppl']:10.2f} "
               f"{r['final_quick_ppl']:8.2f} {r['final_quick_ppl'] / r['teacher_quick_ppl']:9.3f} "
               f"{100 * r['gap_recovered']:12.1f}% {100 * log_gap:16.1f}%")
     print(f"teacher quick PPL {runs[0]['teacher_quick_ppl']:.2f}")
