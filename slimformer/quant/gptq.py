@@ -14,20 +14,21 @@ Updates are applied lazily in blocks of ``block_size`` columns (one GEMM per blo
 ``W[:, i2:] -= Err · U[i1:i2, i2:]``), everything in float32.
 
 Why llm-compressor's GPTQ W4 g64 *without* act-order is worse than plain RTN on SmolLM2
-(29.48 vs 28.68 WikiText-2 PPL, benchmarks/RESULTS.md) — what we found and what we do:
+(29.48 vs 28.68 WikiText-2 PPL, benchmarks/RESULTS.md) — what we checked and what we do:
 
-* **Static group parameters.** llm-compressor 0.14 takes every group's scale / zero point
-  from its weight observer on the ORIGINAL weights before the sweep
-  (``module.weight_observer.get_qparams()`` -> ``quantize_weight(..., scale, zero_point)``)
-  and GPTQ's error feedback then pushes the later columns of a group outside the range the
-  scale was made for: they are clamped, the clamping error is fed forward again, and on a
-  model whose weights already sit on a 4-bit grid (SmolLM2 comes from a Q4_1 GGUF) the
-  feedback costs more than it gains. ``group_qparams: static`` reproduces this here
-  (measured in RESULTS.md). Our default, ``lazy``, computes a group's parameters when its
-  first column is reached, from the CURRENT weights of all its columns — including the
-  updates still pending in the lazy block (``W[:, q] - Err[:, :i] · U[i1:i1+i, q]``), which
-  the reference implementation (``W[:, g:g+gs]`` read from the stale matrix) misses for
-  groups that start inside a block.
+* **Static group parameters** (the first suspect). llm-compressor 0.14 takes every group's
+  scale / zero point from its weight observer on the ORIGINAL weights before the sweep
+  (``module.weight_observer.get_qparams()`` -> ``quantize_weight(..., scale, zero_point)``),
+  so error feedback can push later columns of a group outside its range. ``group_qparams:
+  static`` reproduces that here. Measured on real SmolLM2 layers (blocks 0/10/29, q/o/gate/
+  down, 8 x 512 calibration tokens), the layer loss relative to RTN is 0.189 static vs 0.190
+  lazy without act-order and 0.136 vs 0.137 with it: static groups do NOT explain the loss on
+  the layer objective (GPTQ wins it ~5x either way, yet llm-compressor's model loses PPL), so
+  the damage is end to end (RESULTS.md has what we measured). Our default, ``lazy`` (the GPTQ
+  paper's), computes a group's parameters when its first column is reached, from the CURRENT
+  weights of all its columns — including the updates still pending in the lazy block
+  (``W[:, q] - Err[:, :i] · U[i1:i1+i, q]``), which the reference implementation (``W[:,
+  g:g+gs]`` read from the stale matrix) misses for groups that start inside a block.
 * **Act-order with groups in the original order.** ``actorder: true`` sweeps the columns in
   order of decreasing ``diag(H)``; a group's parameters are computed (lazily, as above) the
   first time any of its columns is reached, from the current values of all its columns, and
@@ -35,8 +36,8 @@ Why llm-compressor's GPTQ W4 g64 *without* act-order is worse than plain RTN on 
   :class:`~slimformer.formats.QuantLinear` (no ``g_idx``) and dequantizes exactly to the
   weights the sweep produced.
 * **Dead channels and near-singular Hessians.** An input channel never active on the
-  calibration data (``H_jj = 0``) gets ``H_jj = 1`` so the Cholesky exists; it has no
-  coupling, so it is simply rounded. Damping is relative (``dampening_frac · mean(diag H)``
+  calibration data (``H_jj = 0``) gets the mean live diagonal as ``H_jj`` so the Cholesky
+  exists; it has no coupling, so it is simply rounded. Damping is relative (``dampening_frac · mean(diag H)``
   over the live channels); when a Cholesky still fails the damping grows tenfold (up to six
   times) and, failing that, the layer falls back to RTN — logged, never silent.
 * **Guard.** GPTQ minimises the layer's Hessian-weighted error ``tr((W-Q) H (W-Q)ᵀ)``
@@ -48,11 +49,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
-import torch.nn as nn
 
 from slimformer.engine.stage import (BlockContext, StageMethod, check_bool, check_choice,
                                      check_float_range, check_int_range, register_stage)
@@ -144,6 +145,22 @@ def damped_inverse_cholesky(h: torch.Tensor, dampening_frac: float) -> tuple[Opt
     return None, damp
 
 
+@contextmanager
+def _one_thread():
+    """The column sweep is thousands of small vector ops: with several OpenMP threads each op
+    pays a fork/join, and on a loaded machine a descheduled worker stalls every one of them
+    (measured at load ~15 for a 960x576 layer: 0.55 s with one thread, 8-28 s with two, most
+    of it in ``cholesky_inverse``)."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
 def _channel_spec(spec: QuantSpec) -> QuantSpec:
     """One parameter per row over whatever columns it is given (a group in isolation)."""
     return dataclasses.replace(spec, granularity="channel")
@@ -188,7 +205,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
                              descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
-    U, damp = damped_inverse_cholesky(H, dampening_frac)
+    with _one_thread():  # LAPACK potri with 2 threads on a loaded machine: 4.5 s vs 0.04 s
+        U, damp = damped_inverse_cholesky(H, dampening_frac)
     del H
     if U is None:
         q = quantize(w.detach().float(), spec)
@@ -212,42 +230,43 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
     orig = orig_t.tolist()
     codesT = torch.empty(cols, rows, dtype=spec.code_dtype)  # sweep order
 
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = WT[i1:i2].clone()  # [b, r]
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            g = orig[i1 + i] // gw
-            if not have[g]:
-                # the group's current weights: in-block columns from W1 (up to date), later
-                # columns from WT minus the updates this block has not applied yet
-                pos = pos_of[g * gw: min((g + 1) * gw, cols)]
-                vals = torch.empty(pos.numel(), rows, dtype=torch.float32)
-                inb = pos < i2
-                vals[inb] = W1[pos[inb] - i1]
-                out = pos[~inb]
-                if out.numel():
-                    vals[~inb] = WT[out] - U[i1:i1 + i, out].t() @ Err1[:i] if i else WT[out]
-                s, z = compute_qparams(vals.t(), cspec)  # [r, 1]
-                scaleT[g] = s[:, 0]
-                if zeroT is not None:
-                    zeroT[g] = z[:, 0]
-                have[g] = True
-            sg = scaleT[g].unsqueeze(1)  # [r, 1]
-            zg = None if zeroT is None else zeroT[g].unsqueeze(1)
-            wcol = W1[i].unsqueeze(1)  # [r, 1]
-            code = quantize_values(wcol, sg, zg, spec)
-            qcol = dequantize_values(code, sg, zg, spec)[:, 0]
-            codesT[i1 + i] = code[:, 0]
-            err = (W1[i] - qcol).div_(U1[i, i])
-            W1[i] = qcol
-            if i + 1 < i2 - i1:
-                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
-            Err1[i] = err
-        WT[i1:i2] = W1
-        if i2 < cols:
-            WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
+    with _one_thread():
+        for i1 in range(0, cols, block_size):
+            i2 = min(i1 + block_size, cols)
+            W1 = WT[i1:i2].clone()  # [b, r]
+            Err1 = torch.zeros_like(W1)
+            U1 = U[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                g = orig[i1 + i] // gw
+                if not have[g]:
+                    # the group's current weights: in-block columns from W1 (up to date), later
+                    # columns from WT minus the updates this block has not applied yet
+                    pos = pos_of[g * gw: min((g + 1) * gw, cols)]
+                    vals = torch.empty(pos.numel(), rows, dtype=torch.float32)
+                    inb = pos < i2
+                    vals[inb] = W1[pos[inb] - i1]
+                    out = pos[~inb]
+                    if out.numel():
+                        vals[~inb] = WT[out] - U[i1:i1 + i, out].t() @ Err1[:i] if i else WT[out]
+                    s, z = compute_qparams(vals.t(), cspec)  # [r, 1]
+                    scaleT[g] = s[:, 0]
+                    if zeroT is not None:
+                        zeroT[g] = z[:, 0]
+                    have[g] = True
+                sg = scaleT[g].unsqueeze(1)  # [r, 1]
+                zg = None if zeroT is None else zeroT[g].unsqueeze(1)
+                wcol = W1[i].unsqueeze(1)  # [r, 1]
+                code = quantize_values(wcol, sg, zg, spec)
+                qcol = dequantize_values(code, sg, zg, spec)[:, 0]
+                codesT[i1 + i] = code[:, 0]
+                err = (W1[i] - qcol).div_(U1[i, i])
+                W1[i] = qcol
+                if i + 1 < i2 - i1:
+                    W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
+                Err1[i] = err
+            WT[i1:i2] = W1
+            if i2 < cols:
+                WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
 
     codes = codesT.t()
     if perm is not None:
