@@ -62,9 +62,11 @@ class FusedInt8Group(nn.Module):
     def slice_output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         # the cache holds the input tensor itself: identity + version cannot be confused with a
         # new tensor that happens to reuse the same memory
-        if self._out is None or self._key is None or self._key[0] is not x or self._key[1] != x._version:
+        # (inference tensors keep no version counter: identity alone, within one forward)
+        version = None if x.is_inference() else x._version
+        if self._out is None or self._key is None or self._key[0] is not x or self._key[1] != version:
             self._out = self.linear(x)
-            self._key = (x, x._version)
+            self._key = (x, version)
             self._pending = len(self.bounds)
         a, b = self.bounds[index]
         out = self._out[..., a:b]
