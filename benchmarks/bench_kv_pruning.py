@@ -11,8 +11,8 @@ that against slimformer.eval.ppl.perplexity on the same windows.
 
 Quality only (no timing), so it may run outside the CPU lock at low priority:
 
-    nice -n 19 python benchmarks/bench_kv_pruning.py --windows 4 --chunk 32 \
-        --plot benchmarks/kv_pruning.png --json /tmp/kv.json
+    nice -n 10 python benchmarks/bench_kv_pruning.py --windows 3 --chunk 64 --threads 1 \
+        --policies window,h2o,h2o-norm --plot benchmarks/kv_pruning.png
 """
 from __future__ import annotations
 
