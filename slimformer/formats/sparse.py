@@ -27,8 +27,9 @@ plain dense linear (with its zeros written in) when its sparsity is below :data:
 sparsity (torch's CSR matmul is slower than the dense one and its int64 indices would make the
 weight *bigger* than dense). ``forward`` therefore rebuilds the dense weight from the bitmask
 and the values on every call (a table lookup of the mask bytes + ``masked_scatter``) and runs
-the dense GEMM: prefill (many tokens per call) costs about the same as dense, decode (one token
-per call) is several times slower because the rebuild dominates. Measured numbers:
+the dense GEMM. Measured on SmolLM2-135M at 50% against dense fp32 in one process: 512-token
+prefill 0.88x dense speed, greedy decode 0.06x (the rebuild dominates a one-token step; one
+1536x576 layer: 16 ms vs 0.08 ms for one token, 57 vs 38 ms for 512) — see
 ``benchmarks/RESULTS.md`` "Unstructured and 2:4 pruning vs llm-compressor (issue 5)". The format
 is for **size** (disk and memory), like packed W4; 2:4 speed needs a GPU's sparse tensor cores.
 """
