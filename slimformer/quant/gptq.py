@@ -16,19 +16,20 @@ Updates are applied lazily in blocks of ``block_size`` columns (one GEMM per blo
 Why llm-compressor's GPTQ W4 g64 *without* act-order is worse than plain RTN on SmolLM2
 (29.48 vs 28.68 WikiText-2 PPL, benchmarks/RESULTS.md) — what we checked and what we do:
 
-* **Static group parameters** (the first suspect). llm-compressor 0.14 takes every group's
-  scale / zero point from its weight observer on the ORIGINAL weights before the sweep
+* **Static group parameters: part of it.** llm-compressor 0.14 takes every group's scale /
+  zero point from its weight observer on the ORIGINAL weights before the sweep
   (``module.weight_observer.get_qparams()`` -> ``quantize_weight(..., scale, zero_point)``),
-  so error feedback can push later columns of a group outside its range. ``group_qparams:
-  static`` reproduces that here. Measured on real SmolLM2 layers (blocks 0/10/29, q/o/gate/
-  down, 8 x 512 calibration tokens), the layer loss relative to RTN is 0.189 static vs 0.190
-  lazy without act-order and 0.136 vs 0.137 with it: static groups do NOT explain the loss on
-  the layer objective (GPTQ wins it ~5x either way, yet llm-compressor's model loses PPL), so
-  the damage is end to end (RESULTS.md has what we measured). Our default, ``lazy`` (the GPTQ
-  paper's), computes a group's parameters when its first column is reached, from the CURRENT
-  weights of all its columns — including the updates still pending in the lazy block
-  (``W[:, q] - Err[:, :i] · U[i1:i1+i, q]``), which the reference implementation (``W[:,
-  g:g+gs]`` read from the stale matrix) misses for groups that start inside a block.
+  so error feedback pushes later columns of a group outside its range, where they are
+  clamped. ``group_qparams: static`` reproduces that: summed over SmolLM2's 210 linears its
+  layer loss is 0.445x RTN's against 0.152x with our default ``lazy`` scales, and end to end
+  (reduced budget) 1.101x RTN's PPL against 1.035x. ``lazy`` (the GPTQ paper's) computes a
+  group's parameters when its first column is reached, from the CURRENT weights of all its
+  columns — including the updates still pending in the lazy block (``W[:, q] - Err[:, :i] ·
+  U[i1:i1+i, q]``), which the reference implementation (``W[:, g:g+gs]`` read from the stale
+  matrix) misses for groups that start inside a block.
+* **Act-order is the rest.** Even with lazy scales GPTQ without act-order stays above RTN on
+  SmolLM2 (1.035x); with ``actorder: true`` it is 0.920x RTN (layer loss 0.062x), so the
+  named ``gptq-w4-g64`` uses act-order. Numbers: benchmarks/RESULTS.md, issue 4 section.
 * **Act-order with groups in the original order.** ``actorder: true`` sweeps the columns in
   order of decreasing ``diag(H)``; a group's parameters are computed (lazily, as above) the
   first time any of its columns is reached, from the current values of all its columns, and
