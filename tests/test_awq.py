@@ -6,9 +6,7 @@ import copy
 import pytest
 import torch
 
-from slimformer.engine import ActivationCache, block_forward
-from slimformer.engine.runner import EngineOptions, _calibrate, capture_block_inputs, run
-from slimformer.engine.stage import BlockContext, method_of
+from slimformer.engine.runner import EngineOptions, run
 from slimformer.errors import ConfigError
 from slimformer.formats import QuantLinear
 from slimformer.models import tiny_model
@@ -17,6 +15,8 @@ from slimformer.primitives.affine import QuantSpec, fake_quantize
 from slimformer.quant import AWQConfig, GPTQConfig, RTNConfig
 from slimformer.quant.awq import search_clip, search_scales
 from slimformer.recipe import Recipe, load_recipe
+
+from stage_harness import apply_to_block0, block0, block_outputs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,32 +32,12 @@ def _outlier_llama():
     return lm
 
 
-def _block0(lm, n=8, seq=24):
-    samples = torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(1))
-    cache = ActivationCache(None)
-    with torch.no_grad():
-        rest = capture_block_inputs(lm, samples, 4, cache)
-    return lm.arch.get_blocks(lm.model)[0], list(cache), rest
+def _block0(lm):
+    return block0(lm, n=8, seq=24, batch=4)
 
 
-def _outputs(block, states, rest):
-    with torch.no_grad():
-        return torch.cat([block_forward(block, h, a, kw) for h, (a, kw) in zip(states, rest)])
-
-
-def _apply(lm, block, states, rest, cfg):
-    """One stage on block 0 the way the engine runs it (observers -> calibrate -> apply)."""
-    from slimformer.engine.targets import default_target_names
-
-    method = method_of(cfg)
-    base = lm.arch.block_path(lm.model) + ".0."
-    targets = {n[len(base):]: cfg for n in default_target_names(lm.model, lm.arch) if n.startswith(base)}
-    ctx = BlockContext(index=0, name=base[:-1], block=block, arch=lm.arch, config=lm.model.config,
-                       targets=targets)
-    kinds = {rel: tuple(method.observers(c)) for rel, c in targets.items()}
-    with torch.no_grad():
-        ctx.stats = _calibrate(block, kinds, states, rest)
-        method.apply(ctx, cfg)
+_outputs = block_outputs
+_apply = apply_to_block0
 
 
 def _err(block, states, rest, ref):

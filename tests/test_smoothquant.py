@@ -5,9 +5,6 @@ import copy
 import pytest
 import torch
 
-from slimformer.engine import ActivationCache, block_forward
-from slimformer.engine.runner import _calibrate, capture_block_inputs
-from slimformer.engine.stage import BlockContext, method_of
 from slimformer.errors import ConfigError
 from slimformer.models import tiny_model
 from slimformer.quant import SmoothQuantConfig, W8A8Config
@@ -15,37 +12,14 @@ from slimformer.quant.smoothquant import smooth_scales
 from slimformer.recipe import Recipe, load_recipe
 
 
+from stage_harness import apply_to_block0, block0, block_outputs  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _block0(lm, n=4, seq=16):
-    """Block 0 of ``lm`` with its captured calibration inputs."""
-    samples = torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(1))
-    cache = ActivationCache(None)
-    with torch.no_grad():
-        rest = capture_block_inputs(lm, samples, 2, cache)
-    return lm.arch.get_blocks(lm.model)[0], list(cache), rest
-
-
-def _outputs(block, states, rest):
-    with torch.no_grad():
-        return torch.cat([block_forward(block, h, a, kw) for h, (a, kw) in zip(states, rest)])
-
-
-def _apply(lm, block, states, rest, cfg):
-    """One stage on one block, the way the engine does it (observers -> calibrate -> apply)."""
-    method = method_of(cfg)
-    from slimformer.engine.targets import default_target_names
-
-    base = lm.arch.block_path(lm.model) + ".0."
-    targets = {n[len(base):]: cfg for n in default_target_names(lm.model, lm.arch) if n.startswith(base)}
-    ctx = BlockContext(index=0, name=base[:-1], block=block, arch=lm.arch, config=lm.model.config,
-                       targets=targets)
-    kinds = {rel: tuple(method.observers(c)) for rel, c in targets.items()}
-    with torch.no_grad():
-        if any(kinds.values()):
-            ctx.stats = _calibrate(block, kinds, states, rest)
-        method.apply(ctx, cfg)
+_block0 = block0
+_outputs = block_outputs
+_apply = apply_to_block0
 
 
 def _rel(a, b):

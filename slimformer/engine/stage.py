@@ -61,6 +61,20 @@ def check_float_range(owner: str, name: str, value: Any, lo: float, hi: float) -
         raise ConfigError(f"{owner}.{name}: invalid value {value!r}; allowed: numbers in [{lo}, {hi}]")
 
 
+def config_from_dict(cls, d: dict, owner: str):
+    """Build the frozen config dataclass ``cls`` from a plain dict (YAML), checking the
+    ``version`` key and naming unknown fields — for configs outside the stage registry."""
+    d = dict(d)
+    version = d.pop("version", cls.VERSION)
+    if version != cls.VERSION:
+        raise ConfigError(f"{owner}.version: invalid value {version!r}; allowed: {cls.VERSION}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{owner}: unknown field(s) {', '.join(unknown)}; allowed: " + ", ".join(sorted(names)))
+    return cls(**d)
+
+
 # ---------------------------------------------------------------------------------------------
 # module name patterns
 

@@ -79,16 +79,9 @@ class KVPruningConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVPruningConfig":
-        d = dict(d)
-        version = d.pop("version", cls.VERSION)
-        if version != cls.VERSION:
-            raise ConfigError(f"{OWNER}.version: invalid value {version!r}; allowed: {cls.VERSION}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{OWNER}: unknown field(s) {', '.join(unknown)}; allowed: "
-                              + ", ".join(sorted(names)))
-        return cls(**d)
+        from slimformer.engine.stage import config_from_dict
+
+        return config_from_dict(cls, d, OWNER)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,9 +37,8 @@ modules (the blocks are called as they are, with an additive attention mask — 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -151,16 +150,9 @@ class TokenPruningConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenPruningConfig":
-        d = dict(d)
-        version = d.pop("version", cls.VERSION)
-        if version != cls.VERSION:
-            raise ConfigError(f"{OWNER}.version: invalid value {version!r}; allowed: {cls.VERSION}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{OWNER}: unknown field(s) {', '.join(unknown)}; allowed: "
-                              + ", ".join(sorted(names)))
-        return cls(**d)
+        from slimformer.engine.stage import config_from_dict
+
+        return config_from_dict(cls, d, OWNER)
 
 
 # ---------------------------------------------------------------------------------------------
