@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -33,6 +32,7 @@ import torch.nn as nn
 from slimformer.engine.stage import (BlockContext, StageConfig, StageMethod, check_bool, check_choice,
                                      check_int_range, register_stage)
 from slimformer.errors import ConfigError, SlimformerError
+from slimformer.primitives.hessian import damped_inverse_cholesky, one_thread
 from slimformer.prune.masks import (SCOPES, keep_mask, lowest_k_mask, magnitude_scores, n_pruned, nm_mask,
                                     parse_pattern, wanda_scores)
 
@@ -162,40 +162,19 @@ class PruneResult:
 
 def inverse_hessian_cholesky(H: torch.Tensor, dampening: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + λ·mean(diag H)·I)⁻¹`` (fp32), the ``Hinv`` of the
-    SparseGPT/GPTQ papers. If the damped H is still not positive definite (rank-deficient
-    calibration) the damping is doubled, up to 8 times."""
-    H = H.to(torch.float32)
-    damp = dampening * float(torch.diag(H).mean())
-    eye = torch.eye(H.shape[0], dtype=torch.float32)
-    for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0:
-                return U
-        damp *= 2
-    raise SlimformerError("the input Hessian is not positive definite even with strong damping "
-                          "(too few or degenerate calibration tokens?)")
-
-
-@contextmanager
-def _one_thread():
-    """The column sweep is thousands of tiny ops: on a busy CPU, OpenMP threads that wait for
-    each other at every op made it 12x slower with 2 threads than with 1 (52 s vs 4.3 s for a
-    576 x 1536 weight, measured with the machine oversubscribed); one thread never loses here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    SparseGPT/GPTQ papers (:func:`slimformer.primitives.hessian.damped_inverse_cholesky`); an
+    error when even strong damping cannot make H positive definite."""
+    U, _ = damped_inverse_cholesky(H.to(torch.float32), dampening)
+    if U is None:
+        raise SlimformerError("the input Hessian is not positive definite even with strong damping "
+                              "(too few or degenerate calibration tokens?)")
+    return U
 
 
 def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optional[tuple[int, int]] = None,
                     block_size: int = 128, dampening: float = 0.01, spec=None) -> PruneResult:
     """See :func:`_sparsegpt_prune` (run on one thread)."""
-    with _one_thread():
+    with one_thread():
         return _sparsegpt_prune(w, H, sparsity, nm, block_size, dampening, spec)
 
 

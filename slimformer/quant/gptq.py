@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -61,12 +60,12 @@ from slimformer.engine.stage import (BlockContext, StageMethod, check_bool, chec
 from slimformer.errors import ConfigError, SlimformerError
 from slimformer.primitives.affine import (QuantizedTensor, QuantSpec, compute_qparams, dequantize,
                                           dequantize_values, quantize, quantize_values)
+from slimformer.primitives.hessian import damped_inverse_cholesky, one_thread
 from slimformer.quant.config import RTNConfig
 
 log = logging.getLogger(__name__)
 
 GROUP_QPARAMS = ("lazy", "static")
-MAX_DAMP_RETRIES = 6
 
 
 @dataclass(frozen=True)
@@ -128,40 +127,6 @@ def hessian_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> torch.Te
     return ((d @ h.float()) * d).sum(1)
 
 
-def damped_inverse_cholesky(h: torch.Tensor, dampening_frac: float) -> tuple[Optional[torch.Tensor], float]:
-    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` with ``λ = dampening_frac · mean(diag H)``,
-    growing ``λ`` tenfold while a factorization fails. Returns ``(U, λ)``; ``U`` is None when
-    every try failed. ``h`` must have no zero diagonal entries (see :func:`gptq_quantize`)."""
-    n = h.shape[0]
-    mean_diag = float(h.diagonal().mean())
-    damp = dampening_frac * mean_diag
-    eye = torch.eye(n, dtype=h.dtype)
-    for _ in range(MAX_DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(h + damp * eye)
-        if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(u).all()):
-                return u, damp
-        damp = max(damp * 10.0, 1e-6 * mean_diag)
-    return None, damp
-
-
-@contextmanager
-def _one_thread():
-    """The column sweep is thousands of small vector ops: with several OpenMP threads each op
-    pays a fork/join, and on a loaded machine a descheduled worker stalls every one of them
-    (measured at load ~15 for a 960x576 layer: 0.55 s with one thread, 8-28 s with two, most
-    of it in ``cholesky_inverse``)."""
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
-
-
 def _channel_spec(spec: QuantSpec) -> QuantSpec:
     """One parameter per row over whatever columns it is given (a group in isolation)."""
     return dataclasses.replace(spec, granularity="channel")
@@ -206,7 +171,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
                              descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
-    with _one_thread():  # LAPACK potri with 2 threads on a loaded machine: 4.5 s vs 0.04 s
+    with one_thread():  # LAPACK potri with 2 threads on a loaded machine: 4.5 s vs 0.04 s
         U, damp = damped_inverse_cholesky(H, dampening_frac)
     del H
     if U is None:
@@ -231,7 +196,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
     orig = orig_t.tolist()
     codesT = torch.empty(cols, rows, dtype=spec.code_dtype)  # sweep order
 
-    with _one_thread():
+    with one_thread():
         for i1 in range(0, cols, block_size):
             i2 = min(i1 + block_size, cols)
             W1 = WT[i1:i2].clone()  # [b, r]
