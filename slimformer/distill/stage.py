@@ -27,7 +27,7 @@ import torch
 
 from slimformer.data import CALIBRATION_SOURCES
 from slimformer.distill.losses import KD_LOSSES
-from slimformer.engine.stage import (StageConfig, StageMethod, check_bool, check_choice, check_float_range,
+from slimformer.engine.stage import (StageConfig, StageMethod, check_bool, check_choice,
                                      check_int_range, compile_pattern, register_stage)
 from slimformer.errors import ConfigError, SlimformerError
 
@@ -73,14 +73,11 @@ class DistillConfig(StageConfig):
     def train_config(self, progress: bool = False):
         from slimformer.distill.trainer import TrainConfig
 
-        try:
-            return TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seq_len=self.seq_len,
-                               warmup=self.warmup, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
-                               seed=self.seed, schedule=self.schedule, kd_loss=self.kd_loss,
-                               temperature=self.temperature, beta=self.beta, kd_weight=self.kd_weight,
-                               progress=progress)
-        except ConfigError as e:  # same message, this stage's name
-            raise ConfigError(str(e).replace("train.", f"{self.METHOD}.", 1))
+        return TrainConfig.for_stage(
+            self.METHOD, steps=self.steps, lr=self.lr, batch_size=self.batch_size, seq_len=self.seq_len,
+            warmup=self.warmup, weight_decay=self.weight_decay, grad_clip=self.grad_clip, seed=self.seed,
+            schedule=self.schedule, kd_loss=self.kd_loss, temperature=self.temperature, beta=self.beta,
+            kd_weight=self.kd_weight, progress=progress)
 
 
 def _windows(mctx, cfg: DistillConfig) -> torch.Tensor:

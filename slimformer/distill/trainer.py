@@ -69,6 +69,15 @@ class TrainConfig:
     threads: Optional[int] = None
     progress: bool = True
 
+    @classmethod
+    def for_stage(cls, owner: str, **fields) -> "TrainConfig":
+        """Build from a recipe stage's training fields; a bad value names the stage's field
+        (``distill.lr``, ``recover.steps``) rather than ``train.*``."""
+        try:
+            return cls(**fields)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("train.", f"{owner}.", 1)) from None
+
     def __post_init__(self) -> None:
         o = "train"
         check_int_range(o, "steps", self.steps, 1)

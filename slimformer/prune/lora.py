@@ -124,18 +124,13 @@ class RecoverConfig(StageConfig):
         check_choice(o, "mode", self.mode, MODES)
         check_int_range(o, "rank", self.rank, 1)
         check_float_range(o, "alpha", self.alpha, 1e-6, 1e6)
-        check_int_range(o, "steps", self.steps, 1)
-        check_float_range(o, "lr", self.lr, 1e-9, 1.0)
-        check_int_range(o, "batch_size", self.batch_size, 1)
-        check_int_range(o, "seq_len", self.seq_len, 2)
-        check_int_range(o, "warmup", self.warmup, 0, self.steps)
-        check_int_range(o, "seed", self.seed, 0)
+        self.train_config()  # the training fields, checked once by TrainConfig, named recover.*
 
     def train_config(self, progress: bool = False):
         from slimformer.distill.trainer import TrainConfig
 
-        return TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seq_len=self.seq_len,
-                           warmup=self.warmup, seed=self.seed, progress=progress)
+        return TrainConfig.for_stage(self.METHOD, steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+                                     seq_len=self.seq_len, warmup=self.warmup, seed=self.seed, progress=progress)
 
 
 def training_windows(samples: torch.Tensor, seq_len: int) -> torch.Tensor:
