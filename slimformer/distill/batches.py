@@ -23,7 +23,8 @@ class TokenBatches:
 
     ``mask`` ``[N, L]`` (1 = real token) marks padding for ragged text (teacher generations);
     ``None`` means every token is real. Iterating yields ``{"input_ids", "attention_mask"}``
-    dicts from the current :attr:`position` on, forever (epochs reshuffle); the trainer decides
+    dicts (plus ``"index"``: the rows' window indices, e.g. for a
+    :class:`~slimformer.distill.cache.TeacherCache`) from the current :attr:`position` on, forever (epochs reshuffle); the trainer decides
     how many steps to take.
     """
 
@@ -55,7 +56,7 @@ class TokenBatches:
         idx = order[i * self.batch_size:(i + 1) * self.batch_size]
         ids = self.windows[idx]
         mask = torch.ones_like(ids) if self.mask is None else self.mask[idx]
-        return {"input_ids": ids, "attention_mask": mask}
+        return {"input_ids": ids, "attention_mask": mask, "index": idx}
 
     def __iter__(self) -> Iterator[dict]:
         while True:

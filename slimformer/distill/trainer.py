@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINT_FILE = "train_state.pt"
-# loss(student, batch, teacher) -> scalar tensor; batch = {"input_ids", "attention_mask"}
+# loss(student, batch, teacher) -> scalar tensor; batch = {"input_ids", "attention_mask", "index"}
 LossFn = Callable[[nn.Module, dict, Optional[nn.Module]], torch.Tensor]
 
 
@@ -46,6 +46,17 @@ class TrainConfig:
     end. ``stop_after``: stop after that many total steps as if interrupted (a checkpoint is
     written first when ``checkpoint_dir`` is set) — for tests and time-sliced runs; the schedule
     still follows ``steps``. ``threads``: torch threads during training (``None``: unchanged).
+
+    ``grad_accum``: micro-batches of ``batch_size`` rows per optimizer step (the step's gradient
+    is the mean of the micro-batches' gradients, so ``batch_size=2, grad_accum=2`` trains like
+    ``batch_size=4`` on the same data order when every token counts). ``autocast_bf16``: run the
+    forwards (student and teacher) under ``torch.autocast("cpu", dtype=torch.bfloat16)``; the
+    parameters, optimizer state and the losses (on logits cast back to fp32) stay fp32.
+    ``gradient_checkpointing``: Hugging Face ``gradient_checkpointing_enable()`` (non-reentrant)
+    while training, disabled again afterwards — recomputes block activations in the backward to
+    save memory, same result. ``on_policy_fraction`` (GKD's λ, ``loss="kd"`` only): the chance per
+    micro-batch that its continuation after the first ``prompt_len`` tokens is sampled from the
+    student and only those generated positions are distilled (see :mod:`slimformer.distill.gkd`).
     """
 
     steps: int = 100
@@ -68,6 +79,11 @@ class TrainConfig:
     stop_after: Optional[int] = None
     threads: Optional[int] = None
     progress: bool = True
+    grad_accum: int = 1
+    autocast_bf16: bool = False
+    gradient_checkpointing: bool = False
+    on_policy_fraction: float = 0.0
+    prompt_len: int = 32
 
     @classmethod
     def for_stage(cls, owner: str, **fields) -> "TrainConfig":
@@ -104,6 +120,14 @@ class TrainConfig:
         check_int_range(o, "stop_after", self.stop_after, 1, allow_none=True)
         check_int_range(o, "threads", self.threads, 1, allow_none=True)
         check_bool(o, "progress", self.progress)
+        check_int_range(o, "grad_accum", self.grad_accum, 1)
+        check_bool(o, "autocast_bf16", self.autocast_bf16)
+        check_bool(o, "gradient_checkpointing", self.gradient_checkpointing)
+        check_float_range(o, "on_policy_fraction", self.on_policy_fraction, 0.0, 1.0)
+        check_int_range(o, "prompt_len", self.prompt_len, 1)
+        if self.on_policy_fraction > 0 and self.kd_weight < 1.0:
+            raise ConfigError(f"{o}.kd_weight: invalid value {self.kd_weight!r} with on_policy_fraction > 0; "
+                              "allowed: 1.0 (student-sampled text has no hard labels to mix in)")
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` for optimizer step ``step`` (0-based)."""
@@ -143,25 +167,60 @@ class TrainLog:
         return d
 
 
-def _lm_step(student, batch, teacher, cfg):
-    out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return lm_loss(out.logits, batch["input_ids"], batch["attention_mask"])
+def autocast(cfg: TrainConfig):
+    """The forward context of ``cfg``: bf16 CPU autocast when ``cfg.autocast_bf16``, else a no-op."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
 
 
-def _kd_step(student, batch, teacher, cfg):
-    if teacher is None:
+def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   cfg: TrainConfig) -> torch.Tensor:
+    """``model``'s logits under ``cfg``'s autocast; fp32 again when they were computed in bf16,
+    so every loss is computed in fp32."""
+    with autocast(cfg):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
+def _lm_step(student, batch, teacher, cfg, gen=None, cache=None):
+    logits = forward_logits(student, batch["input_ids"], batch["attention_mask"], cfg)
+    return lm_loss(logits, batch["input_ids"], batch["attention_mask"])
+
+
+def _kd_step(student, batch, teacher, cfg, gen=None, cache=None):
+    if teacher is None and cache is None:
         raise SlimformerError("loss='kd' needs a teacher model")
-    with torch.no_grad():
-        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    if s_logits.shape != t_logits.shape:
-        raise SlimformerError(f"student logits {tuple(s_logits.shape)} vs teacher {tuple(t_logits.shape)}: "
-                              "logits KD needs the same vocabulary")
-    loss = cfg.kd_weight * kd_loss(s_logits, t_logits, cfg.kd_loss, cfg.temperature, cfg.beta,
-                                   batch["attention_mask"])
+    mask = batch["attention_mask"]
+    if cfg.on_policy_fraction > 0:  # GKD: maybe replace the continuation by the student's own sample
+        from slimformer.distill.gkd import on_policy_batch
+
+        batch, mask = on_policy_batch(student, batch, cfg.prompt_len, cfg.on_policy_fraction, gen,
+                                      autocast_bf16=cfg.autocast_bf16)
+    s_logits = forward_logits(student, batch["input_ids"], batch["attention_mask"], cfg)
+    if cache is not None:
+        from slimformer.distill.losses import topk_forward_kl
+
+        if "index" not in batch:
+            raise SlimformerError("a teacher cache needs batches that carry their window indices (a TokenBatches)")
+        values, indices = cache.lookup(batch["index"])
+        cache.check_vocab(s_logits.shape[-1])
+        kd = topk_forward_kl(s_logits, values, indices, cfg.temperature, mask)
+    else:
+        with torch.no_grad():
+            t_logits = forward_logits(teacher, batch["input_ids"], batch["attention_mask"], cfg)
+        if s_logits.shape != t_logits.shape:
+            raise SlimformerError(f"student logits {tuple(s_logits.shape)} vs teacher {tuple(t_logits.shape)}: "
+                                  "logits KD needs the same vocabulary")
+        kd = kd_loss(s_logits, t_logits, cfg.kd_loss, cfg.temperature, cfg.beta, mask)
+    loss = cfg.kd_weight * kd
     if cfg.kd_weight < 1.0:
         loss = loss + (1.0 - cfg.kd_weight) * lm_loss(s_logits, batch["input_ids"], batch["attention_mask"])
     return loss
+
+
+def micro_generator(cfg: TrainConfig, micro: int) -> torch.Generator:
+    """The generator of micro-batch number ``micro`` (0-based over the whole run): a pure
+    function of the seed and the position, so on-policy samples survive a resume exactly."""
+    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro)
 
 
 def _trainable(student: nn.Module, params, loss) -> list[nn.Parameter]:
@@ -179,6 +238,28 @@ def _trainable(student: nn.Module, params, loss) -> list[nn.Parameter]:
     return out
 
 
+def _checkpointing(model: nn.Module, on: bool) -> bool:
+    """Switch Hugging Face activation (gradient) checkpointing on/off — transformers 5 names it
+    ``activation_checkpointing_*``, 4.x ``gradient_checkpointing_*``; non-reentrant, so the
+    gradients do not depend on the inputs requiring grad. ``True`` when this call enabled it
+    (not already on, supported)."""
+    new = hasattr(model, "activation_checkpointing_enable")
+    if not on:
+        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+        return False
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        log.warning("gradient_checkpointing: %s does not support it; training without", type(model).__name__)
+        return False
+    already = getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False)
+    if already:
+        return False
+    if new:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return True
+
+
 def _save(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -188,7 +269,8 @@ def _save(path: Path, state: dict) -> None:
 
 def train(student: nn.Module, batches: Union[TokenBatches, torch.Tensor], cfg: TrainConfig,
           loss: Union[str, LossFn] = "lm", teacher: Optional[nn.Module] = None, params=None,
-          eval_fn: Optional[Callable[[nn.Module], Any]] = None, resume: bool = False) -> TrainLog:
+          eval_fn: Optional[Callable[[nn.Module], Any]] = None, resume: bool = False,
+          teacher_cache=None) -> TrainLog:
     """Train ``student`` in place for ``cfg.steps`` AdamW steps and return the :class:`TrainLog`.
 
     ``batches``: a :class:`TokenBatches`, ``[N, L]`` token windows or a 1-D token stream (cut
@@ -199,18 +281,35 @@ def train(student: nn.Module, batches: Union[TokenBatches, torch.Tensor], cfg: T
     parameters to train (default: every floating-point parameter that requires grad).
     ``eval_fn(student) -> value`` runs (in eval mode, without grad) before the first step, every
     ``cfg.eval_every`` steps and after the last. ``resume``: continue from
-    ``cfg.checkpoint_dir`` if it holds a checkpoint.
+    ``cfg.checkpoint_dir`` if it holds a checkpoint. ``teacher_cache``: a
+    :class:`~slimformer.distill.cache.TeacherCache` of the teacher's top-k logits on exactly these
+    windows; with ``loss="kd"`` (``kd_loss="forward_kl"``) it replaces the teacher forward
+    (``teacher`` may then be None). ``cfg.batch_size`` is the micro-batch: each optimizer step
+    draws ``cfg.grad_accum`` of them.
     """
     if isinstance(loss, str):
         check_choice("train", "loss", loss, ("lm", "kd"))
-        step_fn = (lambda s, b, t: _lm_step(s, b, t, cfg)) if loss == "lm" else (lambda s, b, t: _kd_step(s, b, t, cfg))
-        if loss == "kd" and teacher is None:
+        base = _lm_step if loss == "lm" else _kd_step
+        step_fn = lambda s, b, t, g: base(s, b, t, cfg, g, teacher_cache)
+        if loss == "kd" and teacher is None and teacher_cache is None:
             raise SlimformerError("loss='kd' needs a teacher model")
     elif callable(loss):
-        step_fn = loss
+        def step_fn(s, b, t, g):
+            with autocast(cfg):
+                v = loss(s, b, t)
+            return v.float() if v.dtype in (torch.bfloat16, torch.float16) else v
     else:
         raise ConfigError(f"train.loss: invalid value {loss!r}; allowed: 'lm', 'kd' or a callable")
+    if cfg.on_policy_fraction > 0 and loss != "kd":
+        raise ConfigError("train.on_policy_fraction: > 0 needs loss 'kd' (the teacher scores the student's samples)")
     data = as_batches(batches, cfg.batch_size, cfg.seq_len, cfg.seed)
+    if teacher_cache is not None:
+        if loss != "kd" or cfg.kd_loss != "forward_kl":
+            raise ConfigError("train.teacher_cache: needs loss 'kd' with kd_loss 'forward_kl' "
+                              f"(got loss {loss!r}, kd_loss {cfg.kd_loss!r})")
+        if cfg.on_policy_fraction > 0:
+            raise ConfigError("train.teacher_cache: cannot score student samples; allowed with on_policy_fraction 0")
+        teacher_cache.check(data.windows, data.mask)
     trainable = _trainable(student, params, loss)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
@@ -223,10 +322,14 @@ def train(student: nn.Module, batches: Union[TokenBatches, torch.Tensor], cfg: T
     def state() -> dict:
         return {"step": step, "model": student.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "data": data.state_dict(),
-                "loss_module": None if extra is None else extra.state_dict(), "log": tlog.to_dict()}
+                "loss_module": None if extra is None else extra.state_dict(), "log": tlog.to_dict(),
+                "grad_accum": cfg.grad_accum}
 
     if resume and ckpt is not None and ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
+        if st.get("grad_accum", 1) != cfg.grad_accum:
+            raise SlimformerError(f"checkpoint {ckpt} was written with grad_accum {st.get('grad_accum', 1)}, "
+                                  f"not {cfg.grad_accum}: the data position would not match the step")
         student.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
@@ -251,6 +354,7 @@ def train(student: nn.Module, batches: Union[TokenBatches, torch.Tensor], cfg: T
     threads0 = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    checkpointing = cfg.gradient_checkpointing and _checkpointing(student, True)
 
     def evaluate(at: int) -> None:
         if eval_fn is None or any(s == at for s, _ in tlog.evals):
@@ -282,20 +386,25 @@ def train(student: nn.Module, batches: Union[TokenBatches, torch.Tensor], cfg: T
             tlog.seconds = s0 + time.perf_counter() - t0 - (tlog.eval_seconds - e0)
 
         for step in range(start, end):
-            batch = next(it)
-            tlog.tokens_per_step = int(batch["attention_mask"].sum())
             opt.zero_grad(set_to_none=True)
-            value = step_fn(student, batch, teacher)
-            if not torch.isfinite(value):
-                raise SlimformerError(f"training loss is {float(value)} at step {step}; lower the lr")
-            value.backward()
+            total, tokens = 0.0, 0
+            for j in range(cfg.grad_accum):  # micro-batches: gradients add up, each loss / grad_accum
+                batch = next(it)
+                tokens += int(batch["attention_mask"].sum())
+                micro = step * cfg.grad_accum + j
+                value = step_fn(student, batch, teacher, micro_generator(cfg, micro) if cfg.on_policy_fraction > 0 else None)
+                if not torch.isfinite(value):
+                    raise SlimformerError(f"training loss is {float(value)} at step {step}; lower the lr")
+                (value if cfg.grad_accum == 1 else value / cfg.grad_accum).backward()
+                total += float(value.detach())
+            tlog.tokens_per_step = tokens
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             tlog.lr.append(opt.param_groups[0]["lr"])
             opt.step()
             sched.step()
             tlog.steps.append(step + 1)
-            tlog.loss.append(float(value.detach()))
+            tlog.loss.append(total / cfg.grad_accum)
             tlog.trained_steps += 1
             if bar is not None:
                 bar.update(1)
@@ -317,6 +426,8 @@ def train(student: nn.Module, batches: Union[TokenBatches, torch.Tensor], cfg: T
         else:
             evaluate(cfg.steps)
     finally:
+        if checkpointing:
+            _checkpointing(student, False)
         student.train(was_training)
         torch.set_num_threads(threads0)
     return tlog
