@@ -87,6 +87,25 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return temperature ** 2 * masked_token_mean(per_token, mask)
 
 
+def topk_forward_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                    temperature: float = 1.0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``T² · KL(p̃_teacher || q_student)`` against a *sparse* teacher kept as its top-k logits
+    per token (``teacher_values`` / ``teacher_indices`` ``[..., k]``, e.g. a
+    :class:`~slimformer.distill.cache.TeacherCache`).
+
+    The approximation: ``p̃ = softmax(values / T)`` over the k cached tokens only — the teacher's
+    tail mass outside its top k is dropped and the k probabilities renormalised — while the
+    student's log-probabilities are the full-vocabulary ``log_softmax(z_s / T)`` gathered at the
+    k indices (not renormalised). So the student is pulled towards the teacher's k most likely
+    tokens in the teacher's relative proportions; whatever it puts on the rest of the vocabulary
+    is only penalised through its normaliser. With ``k = V`` this is exactly :func:`forward_kl`
+    on the (fp16-rounded) cached logits.
+    """
+    lp = _log_probs(teacher_values, temperature)  # [..., k], renormalised over the k
+    ls = _log_probs(student_logits, temperature).gather(-1, teacher_indices.long())
+    return temperature ** 2 * masked_token_mean(_kl(lp, ls), mask)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl",
             temperature: float = 1.0, beta: float = 0.5, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One of :data:`KD_LOSSES` by name."""
