@@ -17,6 +17,15 @@ windows) or a shipped text source by name (never the WikiText-2 test split).
 ``teacher_text: true`` trains on teacher-generated continuations of those windows instead
 (sequence-level KD; with ``loss: lm`` it is black-box KD: only the teacher's text, no logits).
 ``targets``/``ignore`` choose the trained parameters by module name (default: all).
+
+Trainer options mirror :class:`~slimformer.distill.trainer.TrainConfig`: ``grad_accum``,
+``autocast_bf16``, ``gradient_checkpointing``, ``on_policy_fraction`` (GKD; the prompt is the
+first ``prompt_len`` tokens of each window). ``teacher_cache: <folder>`` computes the teacher's
+top-``cache_k`` logits once into that folder and trains on them (``loss: kd``, ``kd_loss:
+forward_kl``; see :mod:`slimformer.distill.cache`). ``quantized: ste`` (after ``rtn``/``gptq``)
+trains the packed QuantLinear weights through fake quantization with a straight-through
+estimator and re-packs them afterwards (:mod:`slimformer.distill.ste`); the default ``frozen``
+leaves them packed and trains only the other parameters.
 """
 from __future__ import annotations
 
@@ -57,6 +66,13 @@ class DistillConfig(StageConfig):
     teacher_text: bool = False
     prompt_len: int = 32
     gen_tokens: int = 64
+    grad_accum: int = 1
+    autocast_bf16: bool = False
+    gradient_checkpointing: bool = False
+    on_policy_fraction: float = 0.0
+    teacher_cache: Optional[str] = None
+    cache_k: int = 64
+    quantized: str = "frozen"
 
     def validate(self) -> None:
         o = self.METHOD
@@ -66,6 +82,19 @@ class DistillConfig(StageConfig):
         check_bool(o, "teacher_text", self.teacher_text)
         check_int_range(o, "prompt_len", self.prompt_len, 1)
         check_int_range(o, "gen_tokens", self.gen_tokens, 1)
+        from slimformer.distill.ste import QUANTIZED_MODES
+
+        check_choice(o, "quantized", self.quantized, QUANTIZED_MODES)
+        check_int_range(o, "cache_k", self.cache_k, 1)
+        if self.teacher_cache is not None:
+            if not isinstance(self.teacher_cache, str) or not self.teacher_cache:
+                raise ConfigError(f"{o}.teacher_cache: invalid value {self.teacher_cache!r}; allowed: a folder path or null")
+            if self.loss != "kd" or self.kd_loss != "forward_kl" or self.on_policy_fraction != 0 or self.teacher_text:
+                raise ConfigError(f"{o}.teacher_cache: needs loss 'kd', kd_loss 'forward_kl', on_policy_fraction 0 "
+                                  "and teacher_text false")
+        if self.on_policy_fraction and self.loss != "kd":
+            raise ConfigError(f"{o}.on_policy_fraction: invalid value {self.on_policy_fraction!r} with loss "
+                              f"{self.loss!r}; allowed: 0 (on-policy needs loss 'kd')")
         if self.overrides:
             raise ConfigError(f"{o}.overrides: not supported by a model-level stage; allowed: {{}}")
         self.train_config()  # validates the training fields with their own messages
@@ -77,7 +106,9 @@ class DistillConfig(StageConfig):
             self.METHOD, steps=self.steps, lr=self.lr, batch_size=self.batch_size, seq_len=self.seq_len,
             warmup=self.warmup, weight_decay=self.weight_decay, grad_clip=self.grad_clip, seed=self.seed,
             schedule=self.schedule, kd_loss=self.kd_loss, temperature=self.temperature, beta=self.beta,
-            kd_weight=self.kd_weight, progress=progress)
+            kd_weight=self.kd_weight, progress=progress, grad_accum=self.grad_accum,
+            autocast_bf16=self.autocast_bf16, gradient_checkpointing=self.gradient_checkpointing,
+            on_policy_fraction=self.on_policy_fraction, prompt_len=self.prompt_len)
 
 
 def _windows(mctx, cfg: DistillConfig) -> torch.Tensor:
@@ -133,8 +164,29 @@ def apply_distill(mctx, cfg: DistillConfig) -> None:
     loss = last_hidden_hint if cfg.loss == "hint" else cfg.loss
     if cfg.loss == "kd" and lm.kind != "causal-lm":
         raise SlimformerError(f"distill: loss 'kd' needs logits; a {lm.kind} model takes loss 'hint'")
-    train(lm.model, data, cfg.train_config(progress=bool(getattr(mctx.options, "progress", False))),
-          loss=loss, teacher=mctx.teacher, params=_params(lm.model, cfg))
+    progress = bool(getattr(mctx.options, "progress", False))
+    tcfg = cfg.train_config(progress=progress)
+    cache = None
+    if cfg.teacher_cache is not None:
+        from slimformer.distill.cache import TeacherCache
+
+        cache = TeacherCache.build(mctx.teacher, data, cfg.teacher_cache, k=cfg.cache_k, progress=progress,
+                                   autocast_bf16=cfg.autocast_bf16)
+    swapped = []
+    if cfg.quantized == "ste":
+        from slimformer.distill.ste import to_fake_quant
+
+        swapped = to_fake_quant(lm.model)
+        if not swapped:
+            raise SlimformerError("distill: quantized 'ste' needs a model with QuantLinear modules (run rtn/gptq first)")
+    try:
+        train(lm.model, data, tcfg, loss=loss, teacher=None if cache is not None else mctx.teacher,
+              params=_params(lm.model, cfg), teacher_cache=cache)
+    finally:
+        if swapped:
+            from slimformer.distill.ste import from_fake_quant
+
+            from_fake_quant(lm.model)  # a real packed QuantLinear again, same spec and scales
     lm.model.eval()
 
 
