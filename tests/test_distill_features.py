@@ -394,3 +394,38 @@ def test_ste_distill_stage_repacks_lowers_kd_and_lr0_keeps_codes():
     # ste on a model without quantized linears is an error, not a silent no-op
     with pytest.raises(SlimformerError, match="QuantLinear"):
         run(tiny_model("llama"), [_ste_stage(steps=1)], x, EngineOptions(progress=False))
+
+
+def test_on_policy_resume_equals_uninterrupted_run(tmp_path):
+    x = _data(n=8)
+    t = tiny_model("llama", seed=0).model
+    cfg = dict(steps=4, lr=3e-3, batch_size=2, grad_accum=2, seed=5, progress=False, kd_loss="jsd",
+               on_policy_fraction=0.5, prompt_len=6)
+    full = tiny_model("llama", seed=4)
+    log_full = train(full.model, x, TrainConfig(**cfg), loss="kd", teacher=t)
+    part = tiny_model("llama", seed=4)
+    ck = str(tmp_path / "ck")
+    train(part.model, x, TrainConfig(**cfg, checkpoint_dir=ck, stop_after=2), loss="kd", teacher=t)
+    fresh = tiny_model("llama", seed=9)
+    log_b = train(fresh.model, x, TrainConfig(**cfg, checkpoint_dir=ck), loss="kd", teacher=t, resume=True)
+    assert log_b.resumed_from == 2 and log_b.loss == log_full.loss
+    assert _max_diff(full.model, fresh.model) == 0.0
+
+
+def test_cli_distill_with_grad_accum_bf16_and_teacher_cache(tmp_path):
+    import json
+
+    import slimformer
+    from slimformer.cli import main
+    from slimformer.distill import save_student
+
+    teacher_dir = save_student(tiny_model("llama"), tmp_path / "teacher")
+    args = ["distill", "--teacher", str(teacher_dir), "--student", "layers:2", "--loss", "kd", "--steps", "2",
+            "--lr", "1e-3", "--batch-size", "2", "--grad-accum", "2", "--bf16", "--seq-len", "32",
+            "--teacher-cache", str(tmp_path / "tc"), "--cache-k", "8", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "s1"), "--json", str(tmp_path / "log.json")]) == 0
+    assert (tmp_path / "tc" / "teacher_topk.safetensors").exists()
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert len(log["train"]["loss"]) == 2 and log["train"]["config"]["grad_accum"] == 2
+    assert len(slimformer.load(tmp_path / "s1").arch.get_blocks(slimformer.load(tmp_path / "s1").model)) == 2
+    assert main(args + ["--cache-k", "4", "--out", str(tmp_path / "s2")]) == 2  # the cache holds k=8: refused

@@ -36,6 +36,16 @@ from slimformer.errors import SlimformerError
               help="Training text (a calibration source; never the WikiText-2 test split).")
 @click.option("--teacher-text", is_flag=True, help="Train on teacher-generated continuations (sequence-level KD).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--bf16", "autocast_bf16", is_flag=True, help="bf16 autocast for the forwards (fp32 weights and losses).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute block activations in the backward.")
+@click.option("--on-policy-fraction", type=float, default=0.0, show_default=True,
+              help="GKD: chance per micro-batch of training on the student's own continuation.")
+@click.option("--prompt-len", type=int, default=32, show_default=True,
+              help="Prompt tokens kept by --on-policy-fraction and --teacher-text.")
+@click.option("--teacher-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the teacher's top-k logits, computed once and reused (loss kd, forward_kl).")
+@click.option("--cache-k", type=int, default=64, show_default=True, help="Logits kept per token by --teacher-cache.")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--checkpoint-every", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint-dir.")
@@ -46,7 +56,8 @@ from slimformer.errors import SlimformerError
               help="Write the training log (and eval results) as JSON.")
 @click.option("--no-progress", is_flag=True)
 def distill_cmd(teacher, student, loss, kd_loss, temperature, beta, kd_weight, steps, lr, batch_size, seq_len,
-                warmup, data, teacher_text, seed, checkpoint_dir, checkpoint_every, resume, out_dir, overwrite,
+                warmup, data, teacher_text, seed, grad_accum, autocast_bf16, gradient_checkpointing,
+                on_policy_fraction, prompt_len, teacher_cache, cache_k, checkpoint_dir, checkpoint_every, resume, out_dir, overwrite,
                 eval_tasks, json_path: Optional[Path], no_progress) -> None:
     """Train a student against a teacher (or fine-tune it) and save it as a model folder."""
     from slimformer.compress import check_output_dir
@@ -59,7 +70,9 @@ def distill_cmd(teacher, student, loss, kd_loss, temperature, beta, kd_weight, s
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, warmup=warmup, seed=seed,
                       kd_loss=kd_loss, temperature=temperature, beta=beta, kd_weight=kd_weight,
                       checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
-                      checkpoint_every=checkpoint_every, progress=not no_progress)
+                      checkpoint_every=checkpoint_every, progress=not no_progress, grad_accum=grad_accum,
+                      autocast_bf16=autocast_bf16, gradient_checkpointing=gradient_checkpointing,
+                      on_policy_fraction=on_policy_fraction, prompt_len=prompt_len)
     if data not in CALIBRATION_SOURCES:
         raise SlimformerError(f"--data {data!r}: allowed: {', '.join(CALIBRATION_SOURCES)}")
     out_dir = out_dir.expanduser().resolve()
@@ -74,7 +87,7 @@ def distill_cmd(teacher, student, loss, kd_loss, temperature, beta, kd_weight, s
     if teacher_text:
         from slimformer.distill.seqkd import teacher_batches
 
-        batches = teacher_batches(t_lm, windows, batch_size, seed=seed, n=max(batch_size, 4 * steps),
+        batches = teacher_batches(t_lm, windows, batch_size, prompt_len, seed=seed, n=max(batch_size, 4 * steps),
                                   progress=not no_progress)
     else:
         batches = TokenBatches(windows, batch_size, seed=seed)
@@ -82,8 +95,16 @@ def distill_cmd(teacher, student, loss, kd_loss, temperature, beta, kd_weight, s
         from slimformer.distill.representation import last_hidden_hint as loss_fn
     else:
         loss_fn = loss
+    cache = None
+    if teacher_cache is not None:
+        from slimformer.distill.cache import TeacherCache
+
+        if loss != "kd":
+            raise SlimformerError("--teacher-cache needs --loss kd")
+        cache = TeacherCache.build(t_lm.model, batches, teacher_cache, k=cache_k, progress=not no_progress,
+                                   autocast_bf16=autocast_bf16)
     tlog = train(s_lm.model, batches, cfg, loss=loss_fn, teacher=t_lm.model if loss != "lm" else None,
-                 resume=resume)
+                 resume=resume, teacher_cache=cache)
     s_lm.model.eval()
     if out_dir.exists():
         shutil.rmtree(out_dir)
