@@ -429,3 +429,42 @@ def test_cli_distill_with_grad_accum_bf16_and_teacher_cache(tmp_path):
     assert len(log["train"]["loss"]) == 2 and log["train"]["config"]["grad_accum"] == 2
     assert len(slimformer.load(tmp_path / "s1").arch.get_blocks(slimformer.load(tmp_path / "s1").model)) == 2
     assert main(args + ["--cache-k", "4", "--out", str(tmp_path / "s2")]) == 2  # the cache holds k=8: refused
+
+
+@pytest.mark.parametrize("spec", [
+    dict(bits=4, group_size=32), dict(bits=4, group_size=32, symmetric=False), dict(bits=4, group_size=16),
+    dict(bits=3, granularity="channel", symmetric=False), dict(format="nf4", group_size=64, double_quant=True),
+    dict(bits=8, format="fp8_e4m3", granularity="channel"),
+])
+def test_fake_quant_round_trip_is_exact_for_every_format_and_backend(spec):
+    from slimformer.distill import FakeQuantLinear
+    from slimformer.formats import QuantLinear
+    from slimformer.primitives.affine import QuantSpec, quantize
+
+    w = torch.randn(70, 96, generator=torch.Generator().manual_seed(0)) * 0.05
+    ql = QuantLinear.from_quantized(quantize(w, QuantSpec(**spec)), torch.randn(70))
+    fq = FakeQuantLinear.from_quant_linear(ql)
+    x = torch.randn(20, 96)
+    with torch.no_grad():
+        assert torch.allclose(fq(x), ql(x), atol=1e-4)
+    back = fq.to_quant_linear()
+    assert back.spec == ql.spec and back.backend == ql.backend
+    assert torch.equal(back.codes(), ql.codes()) and torch.equal(back.scales(), ql.scales())
+    assert torch.equal(back.bias, ql.bias)
+
+
+def test_ste_after_gptq_repacks_with_the_same_spec_and_codes_at_lr0():
+    from slimformer.engine import EngineOptions, run
+    from slimformer.formats import QuantLinear
+    from slimformer.quant.gptq import GPTQConfig
+
+    x = _data(n=8, seq=32)
+    a, b = tiny_model("llama"), tiny_model("llama")
+    gptq = GPTQConfig(bits=4, group_size=32)
+    run(a, [gptq], x, EngineOptions(progress=False))
+    run(b, [gptq, _ste_stage(lr=0.0, steps=1)], x, EngineOptions(progress=False))
+    qa = {n: m for n, m in a.model.named_modules() if isinstance(m, QuantLinear)}
+    qb = {n: m for n, m in b.model.named_modules() if isinstance(m, QuantLinear)}
+    assert qa and qa.keys() == qb.keys()
+    for n, q in qa.items():
+        assert qb[n].spec == q.spec and qb[n].backend == q.backend and torch.equal(qb[n].codes(), q.codes())
