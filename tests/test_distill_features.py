@@ -468,3 +468,25 @@ def test_ste_after_gptq_repacks_with_the_same_spec_and_codes_at_lr0():
     assert qa and qa.keys() == qb.keys()
     for n, q in qa.items():
         assert qb[n].spec == q.spec and qb[n].backend == q.backend and torch.equal(qb[n].codes(), q.codes())
+
+
+def test_logit_mse_and_hard_label_kd():
+    from slimformer.distill import hard_label_kd, kd_loss, logit_mse
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 5, 11, generator=g)
+    s = torch.randn(2, 5, 11, generator=g, requires_grad=True)
+    assert logit_mse(t, t).item() == 0.0
+    assert torch.isclose(logit_mse(s, t), ((s - t) ** 2).mean())
+    assert kd_loss(s, t, "mse").item() == logit_mse(s, t).item()
+    # hard-label KD = cross-entropy against the teacher's argmax, and a mask drops positions
+    ce = torch.nn.functional.cross_entropy(s.reshape(-1, 11), t.argmax(-1).reshape(-1))
+    assert torch.isclose(hard_label_kd(s, t), ce)
+    mask = torch.zeros(2, 5)
+    mask[0, 0] = 1
+    one = torch.nn.functional.cross_entropy(s[0, :1], t[0, :1].argmax(-1))
+    assert torch.isclose(kd_loss(s, t, "hard", mask=mask), one)
+    # the student that copies the teacher's logits has the smallest hard-label loss of the two
+    assert hard_label_kd(t * 10, t) < hard_label_kd(s, t)
+    hard_label_kd(s, t).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0

@@ -20,7 +20,8 @@ from slimformer.distill.batches import TokenBatches, chunk, text_batches
 from slimformer.distill.cache import TeacherCache
 from slimformer.distill.gkd import generated_positions_mask, on_policy_batch, sample_continuation
 from slimformer.distill.losses import (KD_LOSSES, attention_kl, attention_mse, forward_kl, generalized_jsd,
-                                       hint_loss, kd_loss, layer_map, lm_loss, reverse_kl,
+                                       hard_label_kd, hint_loss, kd_loss, layer_map, lm_loss, logit_mse,
+                                       reverse_kl,
                                        topk_forward_kl, value_relation_kl)
 from slimformer.distill.representation import RepresentationLoss, use_eager_attention
 from slimformer.distill.stage import DistillConfig
@@ -30,7 +31,7 @@ from slimformer.distill.trainer import TrainConfig, TrainLog, train
 
 __all__ = [
     "DistillConfig", "RepresentationLoss", "keep_indices", "layer_drop_student", "save_student",
-    "use_eager_attention", "KD_LOSSES", "TokenBatches", "TrainConfig", "TrainLog", "attention_kl", "attention_mse", "chunk",
+    "use_eager_attention", "KD_LOSSES", "hard_label_kd", "logit_mse", "TokenBatches", "TrainConfig", "TrainLog", "attention_kl", "attention_mse", "chunk",
     "forward_kl", "generalized_jsd", "hint_loss", "kd_loss", "layer_map", "lm_loss", "reverse_kl",
     "text_batches", "train", "value_relation_kl", "TeacherCache", "topk_forward_kl", "on_policy_batch",
     "sample_continuation", "generated_positions_mask", "FakeQuantLinear", "to_fake_quant", "from_fake_quant",

@@ -11,6 +11,7 @@ from typing import Optional
 
 import click
 
+from slimformer.distill.losses import KD_LOSSES
 from slimformer.errors import SlimformerError
 
 
@@ -22,7 +23,7 @@ from slimformer.errors import SlimformerError
 @click.option("--loss", type=click.Choice(["kd", "lm", "hint"]), default="kd", show_default=True,
               help="kd: logits KD; lm: plain fine-tune (or black-box KD with --teacher-text); "
                    "hint: last hidden state MSE (encoders).")
-@click.option("--kd-loss", type=click.Choice(["forward_kl", "reverse_kl", "jsd"]), default="forward_kl",
+@click.option("--kd-loss", type=click.Choice(list(KD_LOSSES)), default="forward_kl",
               show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--beta", type=float, default=0.5, show_default=True, help="Generalized JSD beta.")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from slimformer.errors import SlimformerError
 
-KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse", "hard")
 
 
 def masked_token_mean(per_token: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -106,6 +106,23 @@ def topk_forward_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, 
     return temperature ** 2 * masked_token_mean(_kl(lp, ls), mask)
 
 
+def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Squared error between the logits, per token the mean over the vocabulary (the
+    ``T → ∞`` limit of forward KL for zero-mean logits, up to a constant factor)."""
+    d = student_logits.float() - teacher_logits.float()
+    return masked_token_mean(d.pow(2).mean(-1), mask)
+
+
+def hard_label_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DeiT's hard distillation: cross-entropy of the student against the teacher's argmax
+    token at each position (the teacher's distribution beyond its top-1 is discarded)."""
+    target = teacher_logits.argmax(-1)  # [...]
+    logp = F.log_softmax(student_logits.float(), dim=-1)
+    return masked_token_mean(-logp.gather(-1, target[..., None])[..., 0], mask)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl",
             temperature: float = 1.0, beta: float = 0.5, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One of :data:`KD_LOSSES` by name."""
@@ -115,6 +132,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: st
         return reverse_kl(student_logits, teacher_logits, temperature, mask)
     if kind == "jsd":
         return generalized_jsd(student_logits, teacher_logits, beta, temperature, mask)
+    if kind == "mse":
+        return logit_mse(student_logits, teacher_logits, mask)
+    if kind == "hard":
+        return hard_label_kd(student_logits, teacher_logits, mask)
     raise SlimformerError(f"unknown KD loss {kind!r}; allowed: {', '.join(KD_LOSSES)}")
 
 
