@@ -119,7 +119,7 @@ def hard_label_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """DeiT's hard distillation: cross-entropy of the student against the teacher's argmax
     token at each position (the teacher's distribution beyond its top-1 is discarded)."""
     target = teacher_logits.argmax(-1)  # [...]
-    logp = F.log_softmax(student_logits.float(), dim=-1)
+    logp = _log_probs(student_logits, 1.0)
     return masked_token_mean(-logp.gather(-1, target[..., None])[..., 0], mask)
 
 

@@ -178,7 +178,12 @@ def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     so every loss is computed in fp32."""
     with autocast(cfg):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+    return _fp32(logits)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 when autocast left it in half precision (fp32/fp64 stay as they are)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def _lm_step(student, batch, teacher, cfg, gen=None, cache=None):
@@ -296,8 +301,7 @@ def train(student: nn.Module, batches: Union[TokenBatches, torch.Tensor], cfg: T
     elif callable(loss):
         def step_fn(s, b, t, g):
             with autocast(cfg):
-                v = loss(s, b, t)
-            return v.float() if v.dtype in (torch.bfloat16, torch.float16) else v
+                return _fp32(loss(s, b, t))
     else:
         raise ConfigError(f"train.loss: invalid value {loss!r}; allowed: 'lm', 'kd' or a callable")
     if cfg.on_policy_fraction > 0 and loss != "kd":
