@@ -129,3 +129,58 @@ def test_cli_generate_plain_and_speculative(monkeypatch, capsys):
     assert main(["generate", "--model", "x", "--prompt", "abc", "--self-draft-layers", "1",
                  "-k", "0"]) == 2
     assert "draft length" in capsys.readouterr().err
+
+
+def test_static_step_equals_dynamic_step(lm):
+    """The compile-friendly step (tensor write slot, attention over the whole masked cache) gives
+    the same logits as the eager step, for a left-padded batch, step after step."""
+    from slimformer.decoding.cache import advance
+    from slimformer.decoding.generate import left_pad
+
+    runner = CausalRunner(lm)
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    ids, start = left_pad(rows, 0)
+    with torch.inference_mode():
+        a, b = runner.new_cache(2, 16), runner.new_cache(2, 16)
+        runner.prefill(ids, start, a)
+        runner.prefill(ids, start, b)
+        tok = torch.tensor([[20], [21]])
+        for _ in range(5):
+            want = runner.forward(tok, a)
+            got = runner.static_forward(tok, b, b.length[:1].clone())
+            advance(b, 1)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            tok = want[:, -1].argmax(-1, keepdim=True)
+        assert torch.equal(a.length, b.length)
+        for ka, kb in zip(a.keys, b.keys):
+            torch.testing.assert_close(ka[:, :, :int(a.length[0])], kb[:, :, :int(b.length[0])])
+
+
+def test_compiled_decode_gives_the_eager_tokens():
+    """compile=True: same greedy tokens as eager, for a batch; one compilation serves two calls
+    (capacities round up to the same size)."""
+    torch._dynamo.reset()
+    lm = tiny_model("llama")
+    eager = generate(lm, PROMPTS, 12, stop_on_eos=False).tokens
+    runner = CausalRunner(lm, compile=True)
+    got = generate(lm, PROMPTS, 12, stop_on_eos=False, runner=runner).tokens
+    again = generate(lm, PROMPTS[:2], 10, stop_on_eos=False, runner=runner).tokens
+    assert got == eager
+    assert again == [t[:10] for t in eager[:2]]
+    assert runner.new_cache(1, 7).capacity == CausalRunner.CAPACITY_STEP
+
+
+def test_compiled_step_falls_back_for_ragged_caches():
+    """Rows at different fill levels (speculative rollback) cannot share one write slot: the
+    compiled runner must take the eager path there and still be right."""
+    lm = tiny_model("llama")
+    runner, ref = CausalRunner(lm, compile=True), CausalRunner(lm)
+    with torch.inference_mode():
+        c1, c2 = runner.new_cache(2, 8), ref.new_cache(2, 8)
+        for r, c in ((runner, c1), (ref, c2)):
+            r.prefill(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.zeros(2, dtype=torch.long), c)
+            c.rollback(torch.tensor([3, 2]))
+        assert not CausalRunner._compilable(c1)
+        torch.testing.assert_close(runner.forward(torch.tensor([[7], [8]]), c1),
+                                   ref.forward(torch.tensor([[7], [8]]), c2))
+    assert runner._compiled_step is None

@@ -72,6 +72,9 @@ class StepLayout:
     mask: Optional[torch.Tensor]  # [B, 1, q, kv_len] bool (True = attend) or None
     is_causal: bool  # prefill of an unpadded batch into an empty cache: SDPA's causal flag
     uniform_at: Optional[int]
+    # static layout (compiled decoding): the q write slots as a tensor, the same for every row;
+    # attention then always spans the whole cache (kv_len = capacity), masked past each query
+    slots: Optional[torch.Tensor] = None
 
 
 def step_layout(cache: StaticKVCache, q: int) -> StepLayout:
@@ -105,10 +108,34 @@ def step_layout(cache: StaticKVCache, q: int) -> StepLayout:
     return StepLayout(q, kv_len, positions, write_idx, mask[:, None], False, uniform_at)
 
 
+def static_step_layout(cache: StaticKVCache, slot: torch.Tensor, q: int) -> StepLayout:
+    """The layout of ``q`` new tokens per row written at slots ``slot .. slot + q - 1`` (``slot``:
+    a one-element long tensor, the same for every row), with tensor ops only.
+
+    Shapes depend on (batch, q, capacity) alone, never on how full the cache is, so one
+    compiled graph serves every decode step (see ``CausalRunner(compile=True)``). Every query
+    attends over the whole cache; slots before ``start[b]`` or after the query are masked.
+    """
+    write = slot + torch.arange(q)  # [q]
+    positions = (write[None, :] - cache.start[:, None]).clamp_min(0)  # [B, q]
+    if cache.position_offset is not None:
+        positions = positions + cache.position_offset[:, None]
+    key = torch.arange(cache.capacity)  # [T]
+    qs = write[None, :, None]  # [1, q, 1]
+    mask = ((key >= cache.start[:, None, None]) & (key <= qs)) | (key == qs)  # [B, q, T]
+    B = cache.start.shape[0]
+    return StepLayout(q, cache.capacity, positions, write.expand(B, q), mask[:, None], False, None,
+                      slots=write)
+
+
 def write_kv(cache: StaticKVCache, layer: int, k: torch.Tensor, v: torch.Tensor,
              layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Store ``k, v`` ([B, H_kv, q, D]) and return the keys/values to attend to ([B, H_kv, kv_len, D])."""
     K, V = cache.keys[layer], cache.values[layer]
+    if layout.slots is not None:
+        K.index_copy_(2, layout.slots, k)
+        V.index_copy_(2, layout.slots, v)
+        return K, V
     if layout.uniform_at is not None:
         s = layout.uniform_at
         K[:, :, s:s + layout.q] = k

@@ -24,8 +24,10 @@ def register(group: click.Group) -> None:
 @click.option("--adaptive/--fixed", default=True, show_default=True,
               help="Adapt k to the running acceptance rate.")
 @click.option("--threads", default=0, type=int, help="torch threads (0 = default).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Decode steps through torch.compile (plain loop only; the first step compiles, ~1 min).")
 def generate_cmd(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, draft,
-                 prompt_lookup, self_draft_layers, num_draft, adaptive, threads):
+                 prompt_lookup, self_draft_layers, num_draft, adaptive, threads, compile_):
     """Generate text with our static-cache loop (optionally speculative); prints text and tokens/s."""
     import torch
 
@@ -50,8 +52,10 @@ def generate_cmd(model, prompts, max_new_tokens, temperature, top_k, top_p, seed
         d = early_exit_draft(lm, self_draft_layers)
     else:
         d = None
+    if compile_ and d is not None:
+        raise SlimformerError("--compile applies to the plain loop; drop it for speculative decoding")
     if d is None:
-        res = generate(lm, list(prompts), max_new_tokens, sampling=sampling, seed=seed)
+        res = generate(lm, list(prompts), max_new_tokens, sampling=sampling, seed=seed, compile=compile_)
     else:
         res = speculative_generate(lm, list(prompts), max_new_tokens, draft=d, num_draft=num_draft,
                                    adaptive=adaptive, sampling=sampling, seed=seed)

@@ -149,14 +149,17 @@ def trim(row: list[int], eos: Sequence[int]) -> list[int]:
 def generate(lm, prompts: Prompts, max_new_tokens: int = 128, *,
              sampling: SamplingConfig = GREEDY, seed: int = 0, stop_on_eos: bool = True,
              eos_token_ids: Optional[Sequence[int]] = None, stop: Sequence[str] = (),
-             runner: Optional[CausalRunner] = None) -> GenerationResult:
+             runner: Optional[CausalRunner] = None, compile: bool = False) -> GenerationResult:
     """Generate up to ``max_new_tokens`` for each prompt (text or token ids).
+
+    ``compile``: decode steps through ``torch.compile`` (see :class:`CausalRunner`); pass a
+    ``runner`` built with ``compile=True`` instead to reuse its compiled step across calls.
 
     Greedy when ``sampling.temperature == 0``; otherwise seeded sampling (the same ``seed``
     gives the same tokens). A row stops at an EOS of the model (unless ``stop_on_eos`` is off)
     or when its text contains one of ``stop``.
     """
-    runner = runner or CausalRunner(lm)
+    runner = runner or CausalRunner(lm, compile=compile)
     rows, ids, start, eos, pad = prepare_batch(lm, runner, prompts, max_new_tokens, eos_token_ids, stop_on_eos)
     B, P = ids.shape
     gen = torch.Generator().manual_seed(seed)

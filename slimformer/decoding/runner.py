@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimformer.decoding.cache import StaticKVCache, StepLayout, advance, step_layout, write_kv
+from slimformer.decoding.cache import (StaticKVCache, StepLayout, advance, static_step_layout, step_layout,
+                                      write_kv)
 from slimformer.errors import SlimformerError
 from slimformer.models.registry import get_module
 
@@ -62,9 +63,21 @@ class CausalRunner:
 
     ``exit_layer`` < number of blocks makes this an early-exit model: the first ``exit_layer``
     blocks, then the final norm and LM head (the self-draft of speculative decoding).
+
+    ``compile=True`` runs every one-token step (the decode loop) through ``torch.compile`` of a
+    static-shape step (:meth:`static_forward`): the cache write slot is a tensor and attention
+    spans the whole (masked) cache, so one graph serves every step of every prompt that fits the
+    same cache capacity (capacities are rounded up to a multiple of ``CAPACITY_STEP``). Inductor's
+    ``freezing`` treats the weights as constants (fused element-wise kernels, pre-packed GEMM
+    weights): the model must not change after the first compiled step, and the first step of
+    each new (batch, capacity) pays the compilation (about a minute for SmolLM2-135M on 2 CPU
+    cores). Prefill, multi-token verify steps and caches with an attention observer (KV
+    eviction) stay eager.
     """
 
-    def __init__(self, lm, exit_layer: Optional[int] = None):
+    CAPACITY_STEP = 128
+
+    def __init__(self, lm, exit_layer: Optional[int] = None, compile: bool = False):
         spec = lm.arch
         if spec.kind != "causal-lm":
             raise SlimformerError(f"generation needs a causal LM; '{lm.name}' is a {spec.kind} model")
@@ -101,9 +114,13 @@ class CausalRunner:
         self.vocab_size = _head_out_features(self.head, cfg)
         self._family = _FAMILIES[self.family]
         self._family.check(self.model, cfg)
+        self.compile = bool(compile)
+        self._compiled_step = None
 
     # ---- cache --------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> StaticKVCache:
+        if self.compile:  # fewer distinct shapes = fewer compilations
+            capacity = -(-capacity // self.CAPACITY_STEP) * self.CAPACITY_STEP
         return StaticKVCache.allocate(self.exit_layer, batch, self.num_kv_heads, self.head_dim,
                                       capacity, self.dtype, self.device)
 
@@ -114,14 +131,41 @@ class CausalRunner:
         ``last_only`` computes the LM head for the last position only: prefill of plain
         generation needs just one next-token distribution, and the head is the largest matmul.
         """
+        if self.compile and ids.shape[1] == 1 and self._compilable(cache):
+            logits = self._compiled()(ids, cache, cache.length[:1].clone())
+            advance(cache, 1)
+            return logits
         layout = step_layout(cache, ids.shape[1])
         x = self.hidden(ids, cache, layout)
         if last_only:
             x = x[:, -1:]
         return self.logits(x)
 
+    def static_forward(self, ids: torch.Tensor, cache: StaticKVCache, slot: torch.Tensor) -> torch.Tensor:
+        """Logits [B, q, V] of ``ids`` [B, q] written at cache slots ``slot .. slot + q - 1`` (every
+        row at the same slots; ``slot``: a one-element long tensor). Tensor ops only and shapes
+        independent of the fill level: the body that ``compile=True`` compiles. Does not advance
+        the cache (the caller does)."""
+        x = self._trunk(ids, cache, static_step_layout(cache, slot, ids.shape[1]))
+        return self.logits(x)
+
+    @staticmethod
+    def _compilable(cache: StaticKVCache) -> bool:
+        return cache.attn_observer is None and bool((cache.length == cache.length[0]).all())
+
+    def _compiled(self):
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self.static_forward, dynamic=False,
+                                                options={"freezing": True})
+        return self._compiled_step
+
     def hidden(self, ids: torch.Tensor, cache: StaticKVCache, layout: StepLayout) -> torch.Tensor:
         """Hidden state after the last run block (before the final norm): [B, q, hidden]."""
+        x = self._trunk(ids, cache, layout)
+        advance(cache, layout.q)
+        return x
+
+    def _trunk(self, ids: torch.Tensor, cache: StaticKVCache, layout: StepLayout) -> torch.Tensor:
         fam = self._family
         x = fam.embed(self, ids, layout.positions)  # [B, q, hidden]
         rope = None
@@ -129,7 +173,6 @@ class CausalRunner:
             rope = self.rotary(x, layout.positions)  # cos, sin: [B, q, D]
         for i, blk in enumerate(self.blocks):
             x = self._block(i, blk, x, cache, layout, rope)
-        advance(cache, layout.q)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
