@@ -5,6 +5,10 @@ tokens/s as a fraction of the memory-bandwidth limit (bandwidth / bytes of weigh
 token; bandwidth measured with a large tensor copy in this process).
 
     python benchmarks/bench_generate.py --model smollm2-135m --prompts 3 --runs 3
+    python benchmarks/bench_generate.py --compile --compare out/smollm2-w8a8 --compare out/smollm2-w4-g64
+
+Every variant of our loop is checked against the first (fp32 eager) for identical tokens, and
+HF ``generate`` against it too. ``--compare`` models are compressed, so their tokens may differ.
 """
 from __future__ import annotations
 
@@ -86,6 +90,10 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="only our loop (e.g. for compressed models)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0 = leave as is); 1 avoids OpenMP thrashing on a shared, oversubscribed CPU")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run each variant with CausalRunner(compile=True) (compiled decode step)")
+    ap.add_argument("--compare", action="append", default=[], metavar="MODEL",
+                    help="also run our loop on this (compressed) model, e.g. a W8A8 or W4 folder")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.threads:
@@ -93,41 +101,87 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     lm = load(args.model)
-    runner = CausalRunner(lm)
     prompts = wikitext_prompts(lm.tokenizer, args.prompts, args.prompt_len)
-    generate(lm, prompts[0], 8, runner=runner)  # warm-up
-    ours_tps, ours_dec, hf_tps, identical = [], [], [], []
+    # variants of our loop: (name, model, runner); the first is the reference for ratios
+    variants = [("ours", lm, CausalRunner(lm))]
+    if args.compile:
+        variants.append(("ours-compiled", lm, CausalRunner(lm, compile=True)))
+    for path in args.compare:
+        other = load(path)
+        name = Path(path).name
+        variants.append((name, other, CausalRunner(other)))
+        if args.compile:
+            variants.append((name + "-compiled", other, CausalRunner(other, compile=True)))
+    compile_s = {}
+    for name, m, runner in variants:  # warm-up; a compiled variant compiles here
+        t = time.perf_counter()
+        generate(m, prompts[0], 8, runner=runner)
+        if runner.compile:
+            compile_s[name] = time.perf_counter() - t
+            log.info(f"{name}: compiled in {compile_s[name]:.1f} s")
+    tps = {n: [] for n, _, _ in variants}
+    dec = {n: [] for n, _, _ in variants}
+    same = {n: [] for n, _, _ in variants}
+    hf_tps, identical = [], []
     for r in range(args.runs):
         for i, p in enumerate(prompts):
-            res = generate(lm, p, args.max_new, runner=runner)
-            ours_tps.append(res.tokens_per_s)
-            ours_dec.append((res.num_new_tokens - 1) / res.decode_s)
-            line = f"run {r} prompt {i}: ours {res.tokens_per_s:.1f} tok/s"
+            line = f"run {r} prompt {i}:"
+            ref = None
+            for name, m, runner in variants:
+                res = generate(m, p, args.max_new, runner=runner)
+                tps[name].append(res.tokens_per_s)
+                dec[name].append((res.num_new_tokens - 1) / res.decode_s)
+                ref = ref or res.tokens[0]
+                same[name].append(res.tokens[0] == ref)
+                line += f"  {name} {res.tokens_per_s:.1f}"
             if not args.no_hf:
                 toks, dt = hf_generate(lm, p, args.max_new)
                 hf_tps.append(len(toks) / dt)
-                identical.append(toks == res.tokens[0])
+                identical.append(toks == ref)
                 line += f"  hf {hf_tps[-1]:.1f} tok/s  identical={identical[-1]}"
             log.info(line)
     bw = measure_bandwidth()
-    bpt = weight_bytes_per_token(runner)
-    limit = bandwidth_limit(bw, bpt)
     out = {
         "model": args.model, "prompts": len(prompts), "prompt_len": args.prompt_len,
         "max_new": args.max_new, "runs": args.runs, "threads": torch.get_num_threads(),
-        "ours_tok_s_median": statistics.median(ours_tps),
-        "ours_decode_tok_s_median": statistics.median(ours_dec),
-        "bandwidth_GBps": bw / 1e9, "weight_MB_per_token": bpt / 1e6,
-        "bandwidth_limit_tok_s": limit,
-        "decode_fraction_of_bandwidth_limit": statistics.median(ours_dec) / limit,
+        "bandwidth_GBps": bw / 1e9,
     }
+    base = statistics.median(dec["ours"])
+    base_c = statistics.median(dec["ours-compiled"]) if args.compile else None
+    table = ["| variant | tok/s (prefill + decode) | decode tok/s | decode / fp32 (same mode) | "
+             "weight MB per token | bandwidth limit tok/s | fraction of limit | compile s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m, runner in variants:
+        bpt = weight_bytes_per_token(runner)
+        limit = bandwidth_limit(bw, bpt)
+        d = statistics.median(dec[name])
+        ref = base_c if name.endswith("-compiled") else base
+        key = "ours" if name == "ours" else name.replace("-", "_")
+        out.update({f"{key}_tok_s_median": statistics.median(tps[name]),
+                    f"{key}_decode_tok_s_median": d, f"{key}_weight_MB_per_token": bpt / 1e6,
+                    f"{key}_bandwidth_limit_tok_s": limit,
+                    f"{key}_decode_fraction_of_bandwidth_limit": d / limit,
+                    f"{key}_decode_over_fp32": d / ref,
+                    f"{key}_tokens_same_as_ours": all(same[name])})
+        if name in compile_s:
+            out[f"{key}_compile_s"] = compile_s[name]
+        table.append(f"| {name} | {statistics.median(tps[name]):.2f} | {d:.2f} | {d / ref:.2f}x | "
+                     f"{bpt / 1e6:.0f} | {limit:.1f} | {d / limit:.2f} | "
+                     f"{'%.0f' % compile_s[name] if name in compile_s else '-'} |")
+    # backwards-compatible keys of the plain comparison
+    out["ours_decode_tok_s_median"] = base
+    out["decode_fraction_of_bandwidth_limit"] = out["ours_decode_fraction_of_bandwidth_limit"]
     if args.steps:
-        so, sh = step_times(lm, runner, prompts[0], args.steps)
+        so, sh = step_times(lm, variants[0][2], prompts[0], args.steps)
         out.update(step_ms_ours=1e3 * so, step_ms_hf_forward=1e3 * sh, step_ratio_hf_over_ours=sh / so)
     if hf_tps:
-        out.update(hf_tok_s_median=statistics.median(hf_tps),
-                   ratio_ours_over_hf=statistics.median(ours_tps) / statistics.median(hf_tps),
+        h = statistics.median(hf_tps)
+        out.update(hf_tok_s_median=h, ratio_ours_over_hf=statistics.median(tps["ours"]) / h,
                    tokens_identical=all(identical))
+        if args.compile:
+            out["ratio_ours_compiled_over_hf"] = statistics.median(tps["ours-compiled"]) / h
+        table.insert(2, f"| HF generate | {h:.2f} | - | - | - | - | - | - |")
+    print("\n".join(table))
     emit(out, args.json)
 
 

@@ -34,9 +34,12 @@ from slimformer.compress import CalibrationConfig
 from slimformer.data import wikitext2_test_text
 from slimformer.eval.ppl import perplexity
 recipe, source, windows, model, samples = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+threads, offload = int(sys.argv[6]), sys.argv[7] == "1"
+if threads:
+    torch.set_num_threads(threads)
 lm = slimformer.load(model)
 t = time.perf_counter()
-q = slimformer.compress(lm, recipe, calibration=CalibrationConfig(source=source, samples=samples), progress=False)
+q = slimformer.compress(lm, recipe, calibration=CalibrationConfig(source=source, samples=samples, offload=offload), progress=False)
 wall = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 ids = torch.tensor(q.tokenizer(wikitext2_test_text(), add_special_tokens=False).input_ids)
@@ -47,8 +50,10 @@ print(json.dumps({"ppl": ppl, "wall_s": wall, "peak_rss_mb": rss}))
 SUMMARY = re.compile(r"gptq \S+: Hessian-weighted error (\S+) vs RTN (\S+) \(\S+\); (\d+)/(\d+) rows kept RTN")
 
 
-def run_one(recipe: str, source: str, windows: int, model: str, samples: int = 128) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, recipe, source, str(windows), model, str(samples)],
+def run_one(recipe: str, source: str, windows: int, model: str, samples: int = 128,
+            threads: int = 0, offload: bool = False) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, recipe, source, str(windows), model, str(samples),
+                          str(threads), "1" if offload else "0"],
                          capture_output=True, text=True)
     if out.returncode != 0:
         return {"ppl": None, "error": (out.stderr.strip().splitlines() or ["?"])[-1][:200]}
@@ -69,13 +74,17 @@ def main() -> None:
     ap.add_argument("--model", default=str(FP32))
     ap.add_argument("--samples", type=int, default=128,
                     help="calibration sequences of 512 tokens (128 = the protocol; fewer = a reduced budget)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the child (0 = torch's default)")
+    ap.add_argument("--offload", action="store_true",
+                    help="keep the calibration activations between blocks on disk (lower peak RSS)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     rows = []
     for spec in a.run:
         recipe, _, source = spec.partition("@")
-        r = run_one(recipe, source or "wikitext2", a.windows, a.model, a.samples)
-        r.update(recipe=recipe, source=source or "wikitext2", samples=a.samples, windows=a.windows)
+        r = run_one(recipe, source or "wikitext2", a.windows, a.model, a.samples, a.threads, a.offload)
+        r.update(recipe=recipe, source=source or "wikitext2", samples=a.samples, windows=a.windows,
+                 threads=a.threads, offload=a.offload)
         rows.append(r)
         print(f"done {spec}: {r}", file=sys.stderr, flush=True)
     base = rows[0].get("ppl")

@@ -132,9 +132,10 @@ class CausalRunner:
         generation needs just one next-token distribution, and the head is the largest matmul.
         """
         if self.compile and ids.shape[1] == 1 and self._compilable(cache):
-            logits = self._compiled()(ids, cache, cache.length[:1].clone())
-            advance(cache, 1)
-            return logits
+            logits = self._compiled_forward(ids, cache)
+            if logits is not None:
+                advance(cache, 1)
+                return logits
         layout = step_layout(cache, ids.shape[1])
         x = self.hidden(ids, cache, layout)
         if last_only:
@@ -153,11 +154,24 @@ class CausalRunner:
     def _compilable(cache: StaticKVCache) -> bool:
         return cache.attn_observer is None and bool((cache.length == cache.length[0]).all())
 
-    def _compiled(self):
+    def _compiled_forward(self, ids: torch.Tensor, cache: StaticKVCache) -> Optional[torch.Tensor]:
+        """One compiled decode step, or None when the model cannot be compiled as one graph
+        (a module dynamo cannot trace, e.g. a packed fbgemm handle): the runner then warns once
+        and stays eager. One whole graph only: a split graph would run the cache writes in
+        separate frames, and is slower than eager anyway."""
         if self._compiled_step is None:
-            self._compiled_step = torch.compile(self.static_forward, dynamic=False,
+            self._compiled_step = torch.compile(self.static_forward, dynamic=False, fullgraph=True,
                                                 options={"freezing": True})
-        return self._compiled_step
+        try:
+            return self._compiled_step(ids, cache, cache.length[:1].clone())
+        except Exception as e:  # noqa: BLE001 - dynamo/inductor raise many types; eager is always right
+            if not isinstance(e, (torch._dynamo.exc.Unsupported, torch._dynamo.exc.BackendCompilerFailed,
+                                  torch._dynamo.exc.TorchRuntimeError)):
+                raise
+            log.warning("decode step cannot be compiled as one graph (%s); decoding eagerly",
+                        str(e).splitlines()[0][:200])
+            self.compile = False
+            return None
 
     def hidden(self, ids: torch.Tensor, cache: StaticKVCache, layout: StepLayout) -> torch.Tensor:
         """Hidden state after the last run block (before the final norm): [B, q, hidden]."""
