@@ -184,3 +184,22 @@ def test_compiled_step_falls_back_for_ragged_caches():
         torch.testing.assert_close(runner.forward(torch.tensor([[7], [8]]), c1),
                                    ref.forward(torch.tensor([[7], [8]]), c2))
     assert runner._compiled_step is None
+
+
+def test_compile_falls_back_to_eager_for_untraceable_modules(caplog):
+    """The fbgemm W8A8 module cannot be traced as one graph: the compiled runner warns once,
+    decodes eagerly, and gives exactly the eager tokens."""
+    import copy
+    import logging
+
+    from slimformer import compress
+
+    lm = copy.deepcopy(tiny_model("llama"))
+    compress(lm, "w8a8", progress=False)
+    eager = generate(lm, PROMPTS, 8, stop_on_eos=False).tokens
+    runner = CausalRunner(lm, compile=True)
+    with caplog.at_level(logging.WARNING, logger="slimformer.decoding.runner"):
+        got = generate(lm, PROMPTS, 8, stop_on_eos=False, runner=runner).tokens
+    assert got == eager
+    assert not runner.compile
+    assert any("cannot be compiled" in r.message for r in caplog.records)
