@@ -60,6 +60,11 @@ class FusedInt8Group(nn.Module):
         self._pending = 0
 
     def slice_output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # traced code has no identity cache: each slice asks for the fused product of the
+            # same input, and the graph's common-subexpression pass computes it once
+            a, b = self.bounds[index]
+            return self.linear(x)[..., a:b]
         # the cache holds the input tensor itself: identity + version cannot be confused with a
         # new tensor that happens to reuse the same memory
         # (inference tensors keep no version counter: identity alone, within one forward)

@@ -22,8 +22,10 @@ Both expose :meth:`quantized` (the canonical :class:`QuantizedTensor`, for savin
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -227,6 +229,34 @@ def _fbgemm_available() -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
 
 
+# fbgemm's packed weight is a TorchScript object that torch.compile cannot trace. Compiled code
+# calls it through this custom op instead, by an integer handle: dynamo sees an opaque,
+# functional op (so a fused q/k/v GEMM called by three slices is computed once by CSE) and
+# the element-wise work around it is fused by inductor.
+_PACKED: dict[int, object] = {}
+_HANDLES = itertools.count()
+
+
+def _fbgemm_per_token(x2: torch.Tensor, packed) -> torch.Tensor:
+    """x2 [M, K] fp32 -> [M, N]: fbgemm's dynamic int8 linear with one grid per token."""
+    if x2.shape[0] == 1:  # one token: the kernel's per-tensor scale is per-token
+        return torch.ops.quantized.linear_dynamic(x2, packed, False)
+    amax = x2.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)  # [M, 1]
+    # every row now spans the same range, so one per-tensor grid is a per-token grid
+    y = torch.ops.quantized.linear_dynamic(x2 / amax, packed, False)  # [M, N]
+    return y.mul_(amax)
+
+
+@torch.library.custom_op("slimformer::int8_linear", mutates_args=())
+def int8_linear_op(x2: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return _fbgemm_per_token(x2.contiguous(), _PACKED[handle])
+
+
+@int8_linear_op.register_fake
+def _int8_linear_fake(x2: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x2.new_empty(x2.shape[0], out_features)
+
+
 class Int8Linear(nn.Module):
     """W8A8 linear: int8 per-channel weights x int8 per-token activations, int32 accumulation.
 
@@ -264,11 +294,17 @@ class Int8Linear(nn.Module):
                 warnings.simplefilter("ignore")  # quantized-tensor creation is marked deprecated
                 qw = torch._make_per_channel_quantized_tensor(
                     codes, scale.to(torch.float64), torch.zeros(n, dtype=torch.long), 0)
-                m._packed = torch.ops.quantized.linear_prepack(qw, None)
+                m._set_packed(torch.ops.quantized.linear_prepack(qw, None))
             m.register_buffer("weight_int8", None)
         else:
             m.register_buffer("weight_int8", codes.contiguous())  # [N, K]
         return m
+
+    def _set_packed(self, packed) -> None:
+        self._packed = packed
+        self._handle = next(_HANDLES)
+        _PACKED[self._handle] = packed
+        weakref.finalize(self, _PACKED.pop, self._handle, None)
 
     def weight_codes(self) -> torch.Tensor:
         """int8 codes [N, K]."""
@@ -292,6 +328,7 @@ class Int8Linear(nn.Module):
         if self._packed is not None:
             state["_packed_codes"] = self.weight_codes()
             state["_packed"] = None
+            state.pop("_handle", None)
         return state
 
     def __setstate__(self, state):
@@ -303,7 +340,7 @@ class Int8Linear(nn.Module):
                 qw = torch._make_per_channel_quantized_tensor(
                     codes, self.weight_scale.to(torch.float64),
                     torch.zeros(self.out_features, dtype=torch.long), 0)
-                self._packed = torch.ops.quantized.linear_prepack(qw, None)
+                self._set_packed(torch.ops.quantized.linear_prepack(qw, None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -317,12 +354,9 @@ class Int8Linear(nn.Module):
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def _forward_fbgemm(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.shape[0] == 1:  # one token: the kernel's per-tensor scale is per-token
-            return torch.ops.quantized.linear_dynamic(x2, self._packed, False)
-        amax = x2.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)  # [M, 1]
-        # every row now spans the same range, so one per-tensor grid is a per-token grid
-        y = torch.ops.quantized.linear_dynamic(x2 / amax, self._packed, False)  # [M, N]
-        return y.mul_(amax)
+        if torch.compiler.is_compiling():
+            return int8_linear_op(x2, self._handle, self.out_features)
+        return _fbgemm_per_token(x2, self._packed)
 
     def _forward_int_mm(self, x2: torch.Tensor) -> torch.Tensor:
         if self.act_scale is not None:
