@@ -6,7 +6,9 @@ tokens; before each chunk the cache is cut back by the policy so that no query e
 to more than ``budget x 2048`` keys (its own chunk included), and every token is scored from
 the logits it got then. Policies: ``window`` (4 attention sinks + most recent tokens,
 StreamingLLM) and ``h2o`` (sinks + recent window + heaviest accumulated attention, per KV
-head). At 100% nothing is evicted, so both policies equal the dense model; the script checks
+head; ``h2o-norm`` divides by the queries that saw the token; ``h2o-hf0.1`` gives the heavy
+hitters a fixed 10% of the context and the recent window the rest of the budget, instead of the
+``--recent-fraction`` split). At 100% nothing is evicted, so both policies equal the dense model; the script checks
 that against slimformer.eval.ppl.perplexity on the same windows.
 
 Quality only (no timing), so it may run outside the CPU lock at low priority:
@@ -34,7 +36,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=32, help="tokens fed per forward")
     ap.add_argument("--budgets", default="0.25,0.5,0.75,1.0")
     ap.add_argument("--policies", default="window,h2o",
-                    help="window, h2o, h2o-norm (h2o with normalize)")
+                    help="window, h2o, h2o-norm (h2o with normalize), h2o-hf<x> (heavy_fraction x),"
+                         " h2o-norm-hf<x>")
     ap.add_argument("--first-window", type=int, default=0,
                     help="skip this many windows (tune on windows not reported)")
     ap.add_argument("--sinks", type=int, default=4)
@@ -63,9 +66,13 @@ def main() -> None:
     rows = []
     for budget in budgets:
         for policy in policies if budget < 1.0 else policies[:1]:  # 100%: no eviction, one run
-            cfg = KVPruningConfig(policy=policy.split("-")[0], budget=budget, sinks=args.sinks,
+            name, *opts = policy.split("-")
+            hf = [float(o[2:]) for o in opts if o.startswith("hf")]
+            if any(o != "norm" and not o.startswith("hf") for o in opts):
+                raise SystemExit(f"unknown policy {policy!r}")
+            cfg = KVPruningConfig(policy=name, budget=budget, sinks=args.sinks,
                                   recent_fraction=args.recent_fraction, chunk=args.chunk,
-                                  normalize=policy.endswith("-norm"))
+                                  normalize="norm" in opts, heavy_fraction=hf[0] if hf else 0.0)
             t0 = time.perf_counter()
             res = kv_pruned_perplexity(lm, ids, cfg, window=args.window, max_windows=args.windows)
             dt = time.perf_counter() - t0

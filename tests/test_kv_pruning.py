@@ -161,6 +161,56 @@ def test_h2o_eviction_keeps_budget_and_matches_its_own_choices(llama, normalize)
     assert (src.diff(dim=-1) > 0).all()  # kept in order, no duplicates
 
 
+def test_heavy_fraction_split():
+    """heavy_fraction fixes the heavy-hitter slots as a share of the context (capped at half the
+    non-sink slots); the recent window takes the rest, so its share grows with the budget."""
+    cfg = KVPruningConfig(heavy_fraction=0.1, sinks=4)
+    assert cfg.heavy_recent(960, 2048) == (205, 751)  # 50% budget, chunk 64
+    assert cfg.heavy_recent(1472, 2048) == (205, 1263)  # 75%: same heavy, longer window
+    assert cfg.heavy_recent(300, 2048) == (148, 148)  # small budget: capped at an equal split
+    assert KVPruningConfig(sinks=4).heavy_recent(960, 2048) == (478, 478)  # recent_fraction 0.5
+    assert KVPruningConfig(sinks=4, recent_fraction=0.75).heavy_recent(960, 2048) == (239, 717)
+    with pytest.raises(Exception, match="heavy_fraction"):
+        cfg.heavy_recent(960, None)
+    with pytest.raises(ConfigError, match="kv_pruning.heavy_fraction"):
+        KVPruningConfig(heavy_fraction=1.5)
+    assert KVPruningConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_heavy_fraction_eviction_keeps_sinks_heavy_and_recent(llama):
+    """With age-biased scores (older = heavier) the kept positions must be exactly the sinks,
+    the ``heavy`` oldest non-sink tokens and the ``recent`` latest, per layer and head."""
+    T, M, c, sinks = 100, 40, 4, 2
+    cfg = KVPruningConfig(policy="h2o", budget=M / T, chunk=c, sinks=sinks, heavy_fraction=0.05)
+    runner = CausalRunner(llama)
+    cache = runner.new_cache(1, M)
+    pruner = KVPruner(cfg, cache, M, context=T)
+    with torch.no_grad():
+        runner.forward(_ids(M, 3)[None], cache)
+    for s in pruner.scores:
+        s[:] = torch.arange(s.shape[-1], 0, -1, dtype=s.dtype)  # older slot, larger score
+    pruner.make_room(c)
+    keep = M - c
+    heavy, recent = cfg.heavy_recent(keep, T)
+    assert (heavy, recent) == (5, 29)  # recent_fraction 0.5 would give 17 and 17
+    want = list(range(sinks)) + list(range(sinks, sinks + heavy)) + list(range(M - recent, M))
+    assert int(cache.length[0]) == keep
+    for p in pruner.pos:
+        assert (p[0, :, :keep] == torch.tensor(want)).all()
+
+
+def test_heavy_fraction_zero_heavy_is_the_window_policy(llama):
+    """No heavy slots (heavy_fraction rounds to 0) leaves sinks + recent = StreamingLLM."""
+    ids = _ids(61, 4)
+    runner = CausalRunner(llama)
+    ref = kv_pruned_logits(runner, ids, KVPruningConfig(policy="window", budget=0.5, chunk=5, sinks=2))
+    out = kv_pruned_logits(runner, ids, KVPruningConfig(policy="h2o", budget=0.5, chunk=5, sinks=2,
+                                                         heavy_fraction=1e-4))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    other = kv_pruned_logits(runner, ids, KVPruningConfig(policy="h2o", budget=0.5, chunk=5, sinks=2))
+    assert not torch.allclose(other, ref, rtol=1e-5, atol=1e-5)  # the equal split differs
+
+
 def test_observer_and_offset_are_backward_compatible(llama):
     """A cache without eviction fields behaves as before; the observer sees every layer."""
     runner = CausalRunner(llama)

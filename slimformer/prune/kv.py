@@ -10,6 +10,10 @@ full some cached tokens must go. Two policies:
   budget, the tokens with the largest attention *accumulated* over every query so far (per
   layer and, by default, per KV head: different heads keep different tokens). The sum favours
   old tokens (more queries have seen them); ``normalize`` divides by that number of queries.
+  The budget is split between recent window and heavy hitters by ``recent_fraction``, or, with
+  ``heavy_fraction``, the heavy hitters get a fixed share of the context (H2O's heavy-budget
+  ratio, capped at half the non-sink slots) and the recent window all the rest: at large
+  budgets H2O then only swaps the oldest part of StreamingLLM's window for heavy hitters.
 
 Cached keys are stored after the rotary embedding, so an evicted token leaves the kept ones
 with their original positions; new tokens continue at their true positions
@@ -52,6 +56,10 @@ class KVPruningConfig:
     budget: float = 0.5
     sinks: int = 4
     recent_fraction: float = 0.5  # h2o: share of the non-sink budget kept as recent window
+    # h2o: heavy-hitter slots as a fraction of the context (H2O's heavy-budget ratio), capped at
+    # half the non-sink slots; the recent window gets the rest, so its share grows with the
+    # budget. 0 = split the budget by ``recent_fraction`` instead.
+    heavy_fraction: float = 0.0
     per_head: bool = True  # h2o: each KV head keeps its own heavy hitters
     normalize: bool = False  # h2o: mean attention per query that saw the token, not the sum
     chunk: int = 16  # tokens fed per forward when scoring a window
@@ -61,6 +69,7 @@ class KVPruningConfig:
         check_float_range(OWNER, "budget", self.budget, 1e-6, 1.0)
         check_int_range(OWNER, "sinks", self.sinks, 0)
         check_float_range(OWNER, "recent_fraction", self.recent_fraction, 0.0, 1.0)
+        check_float_range(OWNER, "heavy_fraction", self.heavy_fraction, 0.0, 1.0)
         check_bool(OWNER, "per_head", self.per_head)
         check_bool(OWNER, "normalize", self.normalize)
         check_int_range(OWNER, "chunk", self.chunk, 1)
@@ -73,6 +82,18 @@ class KVPruningConfig:
             raise ConfigError(f"{OWNER}.budget: {self.budget} of {context} tokens is {m} slots, fewer "
                               f"than sinks + chunk + 1 = {need}; allowed: a larger budget or smaller chunk")
         return m
+
+    def heavy_recent(self, keep: int, context: Optional[int]) -> tuple[int, int]:
+        """h2o: (heavy-hitter, recent) slots when ``keep`` slots stay out of a ``context``-token
+        sequence; together with the sinks they fill ``keep``."""
+        free = max(0, keep - min(self.sinks, keep - 1))
+        if self.heavy_fraction > 0:
+            if context is None:
+                raise SlimformerError(f"{OWNER}.heavy_fraction needs the context length")
+            heavy = min(round(self.heavy_fraction * context), free // 2)
+        else:
+            heavy = free - round(self.recent_fraction * free)
+        return heavy, free - heavy
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.VERSION, **dataclasses.asdict(self)}
@@ -146,12 +167,13 @@ class KVPruner:
     as the cache's attention observer and accumulates each slot's attention.
     """
 
-    def __init__(self, cfg: KVPruningConfig, cache: StaticKVCache, budget: int):
+    def __init__(self, cfg: KVPruningConfig, cache: StaticKVCache, budget: int,
+                 context: Optional[int] = None):
         if budget > cache.capacity:
             raise SlimformerError(f"budget {budget} exceeds the cache capacity {cache.capacity}")
         if bool(cache.start.any()):
             raise SlimformerError("KV eviction needs unpadded rows (start == 0)")
-        self.cfg, self.cache, self.budget = cfg, cache, budget
+        self.cfg, self.cache, self.budget, self.context = cfg, cache, budget, context
         self.evicted = 0
         if cache.position_offset is None:
             cache.position_offset = torch.zeros_like(cache.length)
@@ -185,7 +207,7 @@ class KVPruner:
                 for t in (cache.keys[layer], cache.values[layer]):
                     t[:, :, :keep] = t[:, :, idx]
         else:
-            recent = round(self.cfg.recent_fraction * (keep - self.cfg.sinks))
+            recent = self.cfg.heavy_recent(keep, self.context)[1]
             for layer in range(len(cache.keys)):
                 s = self.scores[layer][:, :, :length]  # [B, Hkv, length]
                 if self.cfg.normalize:  # queries so far that saw each slot: causal, all of them
@@ -213,7 +235,7 @@ def kv_pruned_logits(runner: CausalRunner, ids: torch.Tensor, cfg: KVPruningConf
     T = ids.shape[0]
     budget = cfg.budget_tokens(T)
     cache = runner.new_cache(1, budget)
-    pruner = KVPruner(cfg, cache, budget)
+    pruner = KVPruner(cfg, cache, budget, context=T)
     out = []
     for s in range(0, T, cfg.chunk):
         chunk = ids[s:s + cfg.chunk][None]  # [1, c]
