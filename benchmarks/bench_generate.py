@@ -5,7 +5,7 @@ tokens/s as a fraction of the memory-bandwidth limit (bandwidth / bytes of weigh
 token; bandwidth measured with a large tensor copy in this process).
 
     python benchmarks/bench_generate.py --model smollm2-135m --prompts 3 --runs 3
-    python benchmarks/bench_generate.py --compile --compare out/smollm2-w8a8 --compare out/smollm2-w4-g64
+    python benchmarks/bench_generate.py --compile --compare-compiled out/smollm2-w8a8 --compare out/smollm2-w4-g64
 
 Every variant of our loop is checked against the first (fp32 eager) for identical tokens, and
 HF ``generate`` against it too. ``--compare`` models are compressed, so their tokens may differ.
@@ -94,8 +94,12 @@ def main() -> None:
                     help="also run each variant with CausalRunner(compile=True) (compiled decode step)")
     ap.add_argument("--compare", action="append", default=[], metavar="MODEL",
                     help="also run our loop on this (compressed) model, e.g. a W8A8 or W4 folder")
+    ap.add_argument("--compare-compiled", action="append", default=[], metavar="MODEL",
+                    help="like --compare, and also with the compiled decode step (needs --compile)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    if args.compare_compiled and not args.compile:
+        ap.error("--compare-compiled needs --compile (its ratio is to the compiled fp32 loop)")
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -106,11 +110,11 @@ def main() -> None:
     variants = [("ours", lm, CausalRunner(lm))]
     if args.compile:
         variants.append(("ours-compiled", lm, CausalRunner(lm, compile=True)))
-    for path in args.compare:
+    for path, comp in [(p, False) for p in args.compare] + [(p, True) for p in args.compare_compiled]:
         other = load(path)
         name = Path(path).name
         variants.append((name, other, CausalRunner(other)))
-        if args.compile:
+        if comp:
             variants.append((name + "-compiled", other, CausalRunner(other, compile=True)))
     compile_s = {}
     for name, m, runner in variants:  # warm-up; a compiled variant compiles here

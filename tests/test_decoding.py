@@ -231,3 +231,22 @@ def test_compile_falls_back_to_eager_for_untraceable_modules(caplog):
     assert got == eager
     assert not runner.compile
     assert any("cannot be compiled" in r.message for r in caplog.records)
+
+
+def test_weight_bytes_per_token_counts_packed_int8_weights():
+    """The bandwidth roofline must count what a W8A8 step reads: fbgemm's packed int8 weights
+    live outside ``buffers()``, and were once missed (the roofline then saw only the head)."""
+    import copy
+
+    from slimformer import compress
+    from slimformer.decoding.speed import weight_bytes_per_token
+
+    lm = tiny_model("llama")
+    q = copy.deepcopy(lm)
+    compress(q, "w8a8", progress=False)
+    dense, quant = weight_bytes_per_token(CausalRunner(lm)), weight_bytes_per_token(CausalRunner(q))
+    blocks = sum(p.numel() * 4 for p in lm.arch.get_blocks(lm.model).parameters())
+    head = lm.model.lm_head.weight.numel() * 4
+    assert dense == blocks + head + lm.model.model.norm.weight.numel() * 4
+    # int8 linears: ~1/4 of their fp32 bytes; norms and head stay fp32
+    assert head + 0.2 * blocks < quant < head + 0.45 * blocks

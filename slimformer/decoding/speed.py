@@ -28,16 +28,11 @@ def measure_bandwidth(mbytes: int = 256, repeats: int = 7) -> float:
 
 
 def _module_bytes(mods: list[nn.Module]) -> int:
-    """Bytes of the distinct parameters and buffers (packed codes, scales) of ``mods``."""
-    seen, total = set(), 0
-    for m in mods:
-        for t in list(m.parameters()) + list(m.buffers()):
-            key = (t.data_ptr(), t.numel())
-            if key in seen:
-                continue
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes the distinct tensors of ``mods`` hold; compressed linears count their packed
+    storage, including fbgemm's int8 handle that ``buffers()`` does not show."""
+    from slimformer.eval.size import memory_bytes
+
+    return memory_bytes(nn.ModuleList(mods))
 
 
 def weight_bytes_per_token(runner) -> int:
