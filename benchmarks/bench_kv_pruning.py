@@ -15,6 +15,9 @@ Quality only (no timing), so it may run outside the CPU lock at low priority:
 
     nice -n 10 python benchmarks/bench_kv_pruning.py --windows 3 --chunk 64 --threads 1 \
         --policies window,h2o,h2o-norm --plot benchmarks/kv_pruning.png
+
+Runs on disjoint window ranges (``--first-window``, ``--json``) can be pooled into one table and
+plot afterwards with ``--merge-json a.json,b.json --plot ...`` (no model run).
 """
 from __future__ import annotations
 
@@ -45,10 +48,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--plot", default=None, help="PNG path for the PPL-vs-budget curve")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--merge-json", default=None,
+                    help="comma-separated --json outputs of runs on disjoint windows (same budgets, "
+                         "chunk, sinks): pool their windows into one table and plot, no model run")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+
+    if args.merge_json:
+        rows, dense, budgets, policies = merge(args)
+        report(args, rows, dense, budgets, policies)
+        return
 
     from slimformer import load
     from slimformer.eval.ppl import perplexity, tokenize_wikitext2
@@ -84,7 +95,52 @@ def main() -> None:
             log.info("%s budget %.2f (%d slots): PPL %.4f (%.3fx dense) in %.0fs", policy, budget,
                      res["budget_tokens"], res["ppl"], res["ppl"] / dense["ppl"], dt)
 
-    print(f"\nSmolLM2-135M WikiText-2, windows {args.first_window}..{args.first_window + args.windows - 1} "
+    report(args, rows, dense, budgets, policies)
+
+
+def merge(args):
+    """Pool --json outputs over disjoint windows: PPL = exp(mean window NLL), as eval.ppl."""
+    import json
+    import math
+
+    runs = [json.load(open(p)) for p in args.merge_json.split(",")]
+    first = runs[0]
+    for r in runs[1:]:
+        for k in ("window", "chunk", "sinks", "recent_fraction"):
+            if r[k] != first[k]:
+                raise SystemExit(f"--merge-json: runs differ in {k}: {first[k]} vs {r[k]}")
+    spans = sorted((r["first_window"], r["first_window"] + r["windows"]) for r in runs)
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        raise SystemExit(f"--merge-json: overlapping windows {spans}")
+    n = sum(r["windows"] for r in runs)
+    dense_nll = sum(r["windows"] * math.log(r["dense_ppl"]) for r in runs) / n
+    dense = {"ppl": math.exp(dense_nll)}
+    keys = [(row["policy"], row["budget"]) for row in first["rows"]]
+    keys = [k for k in keys if all(any((x["policy"], x["budget"]) == k for x in r["rows"]) for r in runs)]
+    rows = []
+    for policy, budget in keys:
+        parts = [next(x for x in r["rows"] if (x["policy"], x["budget"]) == (policy, budget)) for r in runs]
+        nlls = [v for x in parts for v in x["window_nlls"]]
+        ppl = math.exp(sum(nlls) / len(nlls))
+        rows.append({"policy": policy, "budget": budget, "budget_tokens": parts[0]["budget_tokens"],
+                     "ppl": ppl, "ratio_to_dense": ppl / dense["ppl"], "window_nlls": nlls,
+                     "seconds": sum(x["seconds"] for x in parts)})
+    policies = list(dict.fromkeys(p for p, _ in keys))
+    budgets = sorted({b for _, b in keys})
+    args.first_window = min(r["first_window"] for r in runs)
+    args.windows = n
+    for k in ("window", "chunk", "sinks", "recent_fraction"):
+        setattr(args, k, first[k])
+    contiguous = all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    args.span = (f"{spans[0][0]}..{spans[-1][1] - 1}" if contiguous
+                 else ", ".join(f"{a}..{b - 1}" for a, b in spans))
+    log.info("merged %d runs: windows %s", len(runs), args.span)
+    return rows, dense, budgets, policies
+
+
+def report(args, rows, dense, budgets, policies) -> None:
+    span = getattr(args, "span", f"{args.first_window}..{args.first_window + args.windows - 1}")
+    print(f"\nSmolLM2-135M WikiText-2, windows {span} "
           f"of {args.window} tokens, chunk {args.chunk}, recent fraction {args.recent_fraction}, "
           f"{args.sinks} sinks; dense PPL (eval.ppl) {dense['ppl']:.4f}\n")
     print("| KV budget | slots | " + " | ".join(f"{p} PPL (x dense)" for p in policies)
@@ -112,7 +168,7 @@ def main() -> None:
         ax.axhline(dense["ppl"], color="gray", ls="--", label="dense")
         ax.set_xlabel(f"KV budget (% of {args.window}-token context)")
         ax.set_ylabel("WikiText-2 PPL")
-        ax.set_title(f"SmolLM2-135M KV-cache pruning ({args.windows} windows, chunk {args.chunk})")
+        ax.set_title(f"SmolLM2-135M KV-cache pruning (windows {span}, chunk {args.chunk})", fontsize=10)
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
