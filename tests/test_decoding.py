@@ -129,6 +129,8 @@ def test_cli_generate_plain_and_speculative(monkeypatch, capsys):
     assert main(["generate", "--model", "x", "--prompt", "abc", "--self-draft-layers", "1",
                  "-k", "0"]) == 2
     assert "draft length" in capsys.readouterr().err
+    assert main(["generate", "--model", "x", "--prompt", "abc", "--prompt-lookup", "--compile"]) == 2
+    assert "--compile applies to the plain loop" in capsys.readouterr().err
 
 
 def test_static_step_equals_dynamic_step(lm):
