@@ -162,12 +162,10 @@ class CausalRunner:
         if self._compiled_step is None:
             self._compiled_step = torch.compile(self.static_forward, dynamic=False, fullgraph=True,
                                                 options={"freezing": True})
+        exc = torch._dynamo.exc
         try:
             return self._compiled_step(ids, cache, cache.length[:1].clone())
-        except Exception as e:  # noqa: BLE001 - dynamo/inductor raise many types; eager is always right
-            if not isinstance(e, (torch._dynamo.exc.Unsupported, torch._dynamo.exc.BackendCompilerFailed,
-                                  torch._dynamo.exc.TorchRuntimeError)):
-                raise
+        except (exc.Unsupported, exc.BackendCompilerFailed, exc.TorchRuntimeError) as e:
             log.warning("decode step cannot be compiled as one graph (%s); decoding eagerly",
                         str(e).splitlines()[0][:200])
             self.compile = False

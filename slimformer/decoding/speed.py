@@ -12,6 +12,8 @@ import time
 import torch
 import torch.nn as nn
 
+from slimformer.eval.size import memory_bytes
+
 
 def measure_bandwidth(mbytes: int = 256, repeats: int = 7) -> float:
     """Bytes/s of a large tensor copy (each copy reads and writes ``mbytes``): median of repeats."""
@@ -27,14 +29,6 @@ def measure_bandwidth(mbytes: int = 256, repeats: int = 7) -> float:
     return statistics.median(rates)
 
 
-def _module_bytes(mods: list[nn.Module]) -> int:
-    """Bytes the distinct tensors of ``mods`` hold; compressed linears count their packed
-    storage, including fbgemm's int8 handle that ``buffers()`` does not show."""
-    from slimformer.eval.size import memory_bytes
-
-    return memory_bytes(nn.ModuleList(mods))
-
-
 def weight_bytes_per_token(runner) -> int:
     """Bytes a batch-1 decode step must read: the run blocks, the final norm and the LM head.
 
@@ -43,7 +37,7 @@ def weight_bytes_per_token(runner) -> int:
     """
     blocks = runner.spec.get_blocks(runner.model)[: runner.exit_layer]
     mods = list(blocks) + [runner.head] + ([runner.final_norm] if runner.final_norm is not None else [])
-    return _module_bytes(mods)
+    return memory_bytes(nn.ModuleList(mods))  # packed storage counted, fbgemm handles too
 
 
 def bandwidth_limit(bandwidth: float, bytes_per_token: int) -> float:
