@@ -53,7 +53,8 @@ def test_quant_linear_int4_kernel_with_bf16_exact_scales(n, k):
 
     w, b = _layer(n, k)
     s, _ = compute_qparams(w, W4G64)
-    lin = QuantLinear.from_quantized(quantize(w, W4G64, scale=round_scale(s)), b)
+    # PyTorch's blocked int4 layout: the default only without our kernel, so ask for it here
+    lin = QuantLinear.from_quantized(quantize(w, W4G64, scale=round_scale(s)), b, backend="int4pack")
     assert lin.backend == "int4pack" and lin.qweight.dtype == torch.uint8
     with torch.profiler.profile() as prof:
         lin(torch.randn(1, k))

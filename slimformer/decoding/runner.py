@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from slimformer.decoding.cache import (StaticKVCache, StepLayout, advance, static_step_layout, step_layout,
                                       write_kv)
 from slimformer.errors import SlimformerError
+from slimformer.formats.linear import few_token_linear
 from slimformer.models.registry import get_module
 
 log = logging.getLogger(__name__)
@@ -189,16 +190,17 @@ class CausalRunner:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self._family.final(self, x)
-        return self.head(x).float()
+        return few_token_linear(self.head, x).float()
 
     def _block(self, i: int, blk: _Block, x: torch.Tensor, cache: StaticKVCache,
                layout: StepLayout, rope) -> torch.Tensor:
         B, q, _ = x.shape
         h = blk.norm1(x) if blk.pre_norm else x
         if blk.qkv is not None:
-            qs, ks, vs = blk.qkv(h).split(self.num_heads * self.head_dim, dim=2)
+            qs, ks, vs = few_token_linear(blk.qkv, h).split(self.num_heads * self.head_dim, dim=2)
         else:
-            qs, ks, vs = blk.q(h), blk.k(h), blk.v(h)
+            qs, ks, vs = (few_token_linear(blk.q, h), few_token_linear(blk.k, h),
+                          few_token_linear(blk.v, h))
         if blk.q_scale is not None:
             qs = qs * blk.q_scale
         qs = qs.view(B, q, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, q, D]
@@ -216,7 +218,7 @@ class CausalRunner:
         )  # [B, H, q, D]
         if cache.attn_observer is not None:  # e.g. heavy-hitter KV eviction scores
             cache.attn_observer(i, qs, K, layout, self.scales[i])
-        a = blk.o(a.transpose(1, 2).reshape(B, q, self.num_heads * self.head_dim))
+        a = few_token_linear(blk.o, a.transpose(1, 2).reshape(B, q, self.num_heads * self.head_dim))
         x = x + a
         if not blk.pre_norm:
             x = blk.norm1(x)
@@ -250,6 +252,20 @@ def _head_out_features(head: nn.Module, cfg) -> int:
 
 
 # ---- family adapters --------------------------------------------------------------------
+def _gated_mlp(b: nn.Module, spec) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``down(act(gate(h)) * up(h))`` with each linear through :func:`few_token_linear`; the
+    MLP module itself when it is not the plain gated form (then it runs as it is)."""
+    mlp = get_module(b, spec.mlp.up.rsplit(".", 1)[0])
+    act = getattr(mlp, "act_fn", None)
+    if spec.mlp.gate is None or act is None or not type(mlp).__name__.endswith("MLP"):
+        return mlp
+    gate, up, down = (get_module(b, p) for p in (spec.mlp.gate, spec.mlp.up, spec.mlp.down))
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        return few_token_linear(down, act(few_token_linear(gate, h)) * few_token_linear(up, h))
+    return run
+
+
 class _Llama:
     @staticmethod
     def block(b: nn.Module, spec, cfg) -> _Block:
@@ -257,7 +273,7 @@ class _Llama:
         attn = get_module(b, a.o.rsplit(".", 1)[0])
         return _Block(norm1=get_module(b, spec.norms[0]), norm2=get_module(b, spec.norms[1]),
                       q=get_module(b, a.q), k=get_module(b, a.k), v=get_module(b, a.v), qkv=None,
-                      o=get_module(b, a.o), mlp=get_module(b, spec.mlp.up.rsplit(".", 1)[0]),
+                      o=get_module(b, a.o), mlp=_gated_mlp(b, spec),
                       q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
 
     @staticmethod

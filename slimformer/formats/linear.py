@@ -3,12 +3,13 @@
 Two modules, chosen by what PyTorch's CPU kernels can do (measured, see
 ``benchmarks/bench_kernels.py`` and ``benchmarks/RESULTS.md`` "Kernels"):
 
-* :class:`QuantLinear` -- weight-only 2..8-bit int, NF4 or FP8. For 4-bit int codes with group
-  size 32/64/128/256 the weight lives in PyTorch's blocked int4 layout
-  (``_convert_weight_to_int4pack_for_cpu``): few-token inputs (decode) run the fused int4 kernel
-  on bfloat16 activations; many-token inputs (prefill) dequantize tile by tile from the same
-  packed bytes and use the fp32 GEMM, because the int4 kernel is slower than fp32 there. Every
-  other scheme keeps the canonical packed codes and dequantizes tile by tile.
+* :class:`QuantLinear` -- weight-only 2..8-bit int, NF4 or FP8, kept in the canonical packed
+  codes. Few-token inputs (decode, speculative verification) of 4-bit int weights run
+  slimformer's own int4 kernel (:mod:`slimformer.kernels`: the packed bytes are unpacked in
+  registers and multiplied into fp32 activations, ~7x faster than the fp32 GEMV it replaces);
+  many-token inputs (prefill) and every other scheme dequantize tile by tile and use the fp32
+  GEMM. Without a C++ compiler, 4-bit weights whose scales are bfloat16-exact fall back to
+  PyTorch's blocked int4 layout (``_convert_weight_to_int4pack_for_cpu``, bf16 activations).
 * :class:`Int8Linear` -- W8A8 (survey Eq. 5): int8 per-channel weights and int8 activations with
   a scale per token, multiplied by an int8 GEMM with int32 accumulation. The weight lives in
   fbgemm's packed int8 format (one copy). One token (decode) is one call of fbgemm's dynamic
@@ -34,10 +35,12 @@ import torch.nn.functional as F
 
 from slimformer.primitives.affine import (QuantizedTensor, QuantSpec, dequantize_scales,
                                           dequantize_values, expand_groups, is_bf16_exact)
+from slimformer.kernels import cpu_kernels
 from slimformer.primitives.packing import pack_codes, unpack_codes
 
 INT4PACK_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's CPU int4 kernel accepts
 INT4PACK_MAX_M = 16  # tokens up to which the fused int4 kernel beats dequantize + fp32 GEMM
+KERNEL_MAX_M = 16  # tokens up to which our int4 kernel beats dequantize + fp32 GEMM (measured)
 TILE_COLS = 1024  # output features dequantized at a time: bounds the fp32 scratch memory
 
 
@@ -63,6 +66,50 @@ def _nbytes(*ts: Optional[torch.Tensor]) -> int:
 # =============================================================================================
 # weight-only
 # =============================================================================================
+@torch.library.custom_op("slimformer::int4_linear", mutates_args=())
+def int4_linear_op(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                   zero: Optional[torch.Tensor], group_size: int, zero_const: float) -> torch.Tensor:
+    """Our int4 kernel as an opaque op (torch.compile traces around it)."""
+    return cpu_kernels().int4_linear(x2, qweight, scale, zero, group_size, zero_const)
+
+
+@int4_linear_op.register_fake
+def _int4_linear_fake(x2, qweight, scale, zero, group_size, zero_const):
+    return x2.new_empty(x2.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("slimformer::f32_linear", mutates_args=())
+def f32_linear_op(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Our few-token fp32 kernel as an opaque op: x2 [M, K] @ weight[N, K]^T."""
+    return cpu_kernels().f32_linear(x2, weight)
+
+
+@f32_linear_op.register_fake
+def _f32_linear_fake(x2, weight):
+    return x2.new_empty(x2.shape[0], weight.shape[0])
+
+
+def few_token_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, except that a plain fp32 ``nn.Linear`` fed at most ``KERNEL_MAX_M`` tokens
+    (a decode or verify step) runs our fp32 kernel: MKL's GEMV streams the weights with one
+    thread at ~11 GB/s here, the kernel with all threads at 20-30 GB/s (``benchmarks/RESULTS.md``
+    "Kernels"). Same sums in another order: results agree to float rounding, not bitwise.
+    The decoding loop calls its linears through this; the model itself is not changed."""
+    if (type(module) is nn.Linear and x.dtype == torch.float32
+            and module.weight.dtype == torch.float32 and x.numel() <= KERNEL_MAX_M * x.shape[-1]
+            and not (torch.is_grad_enabled() and module.weight.requires_grad)
+            and cpu_kernels() is not None):
+        x2 = x.reshape(-1, x.shape[-1])
+        if torch.compiler.is_compiling():
+            y = f32_linear_op(x2, module.weight)
+        else:  # eager: the custom op's dispatch costs more than a small layer's kernel
+            y = cpu_kernels().f32_linear(x2, module.weight)
+        if module.bias is not None:
+            y = y + module.bias
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return module(x)
+
+
 class QuantLinear(nn.Module):
     """Weight-only quantized linear: y = x @ dequant(W)^T + b with W kept packed.
 
@@ -86,7 +133,8 @@ class QuantLinear(nn.Module):
         spec = qt.spec
         fits = (spec.format == "int" and spec.bits == 4 and spec.granularity == "group"
                 and spec.group_size in INT4PACK_GROUPS and is_bf16_exact(qt.scale))
-        backend = backend or ("int4pack" if fits else "dequant")
+        if backend is None:  # our kernel reads the canonical layout; int4pack only without it
+            backend = "int4pack" if fits and cpu_kernels() is None else "dequant"
         if backend == "int4pack" and not fits:
             raise ValueError(f"int4pack backend needs 4-bit int groups of {INT4PACK_GROUPS} "
                              f"with bfloat16-exact scales; got {spec}")
@@ -190,11 +238,32 @@ class QuantLinear(nn.Module):
         w = torch.addcmul(sz[:, None, :, 1], qg, sz[:, None, :, 0]).view(kp, -1)  # (q-8)*s + z
         return w[:, : n1 - n0]
 
+    def kernel_fits(self) -> bool:
+        """Whether few-token inputs can run our int4 kernel on this module's packed codes."""
+        s = self.spec
+        if not (self.backend == "dequant" and s.format == "int" and s.bits == 4
+                and s.granularity in ("group", "channel") and self.scale is not None
+                and self.scale.shape[0] == self.out_features):
+            return False
+        if self.zero is not None and self.zero.shape != self.scale.shape:
+            return False
+        return self.scale.shape[1] == 1 or s.group_size % 2 == 0
+
+    def _kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        offset = 8.0 if self.spec.code_dtype == torch.int8 else 0.0  # signed codes stored + 8
+        zero = None if self.zero is None else self.zero.to(torch.float32) + offset
+        gs = self.spec.group_size if self.spec.granularity == "group" else self.in_features
+        if torch.compiler.is_compiling():
+            return int4_linear_op(x2, self.qweight, self.scale, zero, gs, offset)
+        return cpu_kernels().int4_linear(x2, self.qweight, self.scale, zero, gs, offset)  # eager: no op dispatch
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32)  # [M, K]
         m = x2.shape[0]
-        if self.backend == "int4pack" and m <= INT4PACK_MAX_M:
+        if m <= KERNEL_MAX_M and self.kernel_fits() and cpu_kernels() is not None:
+            y = self._kernel_forward(x2)
+        elif self.backend == "int4pack" and m <= INT4PACK_MAX_M:
             xp = F.pad(x2, (0, self._k_pad - self.in_features)).to(torch.bfloat16)
             y = torch._weight_int4pack_mm_for_cpu(xp, self.qweight, self.spec.group_size,
                                                   self.scale_zeros)  # [M, Np] bf16
