@@ -172,3 +172,28 @@ def test_w8a8_compressed_self_draft_is_lossless():
     ref = generate(lm, PROMPTS, 16, stop_on_eos=False).tokens
     out = speculative_generate(lm, PROMPTS, 16, draft=q, num_draft=4, stop_on_eos=False)
     assert out.tokens == ref and out.stats["acceptance"] > 0.5
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_w4_self_draft_with_int8_head_and_compiled_steps_is_lossless(compile):
+    """The fast self-draft of the benchmark: W4 blocks, a W8A8 copy of the head, compiled steps.
+    Proposals change, the output does not (greedy, batch of ragged prompts)."""
+    import copy
+
+    from slimformer import compress
+    from slimformer.decoding.speculative import model_draft
+    from slimformer.formats.linear import Int8Linear
+
+    torch._dynamo.reset()
+    lm = tiny_model("llama")
+    q = copy.deepcopy(lm)
+    compress(q, "w4-g64", progress=False)
+    d = model_draft(lm, q, compile=compile, int8_head=True)
+    assert isinstance(d.runner.head, Int8Linear)
+    assert not isinstance(q.model.lm_head, Int8Linear)  # the draft model itself is untouched
+    ref = generate(lm, PROMPTS, 16, stop_on_eos=False).tokens
+    out = speculative_generate(lm, PROMPTS, 16, draft=d, num_draft=3, adaptive=True, stop_on_eos=False)
+    assert out.tokens == ref
+    one = speculative_generate(lm, PROMPTS[0], 16, draft=d, num_draft=3, stop_on_eos=False)
+    assert one.tokens == ref[:1]
+    assert d.cost < 1.0  # W4 weights: a draft step reads fewer bytes than a target step

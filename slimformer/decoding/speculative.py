@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence
 
 import torch
+import torch.nn as nn
 
 from slimformer.decoding.cache import StaticKVCache, step_layout
 from slimformer.decoding.generate import (GenerationResult, Prompts, decode_texts, prepare_batch,
@@ -164,13 +165,40 @@ def early_exit_draft(lm, layers: int) -> ModelDraft:
     return ModelDraft(r, cost=layers / full, name=f"early-exit-{layers}")
 
 
-def model_draft(target_lm, draft_lm) -> ModelDraft:
-    """A draft model; its vocabulary must equal the target's (else prompt lookup is suggested)."""
+def model_draft(target_lm, draft_lm, compile: bool = False, int8_head: bool = False) -> ModelDraft:
+    """A draft model; its vocabulary must equal the target's (else prompt lookup is suggested).
+
+    ``compile``: the draft's one-token steps run compiled (see :class:`CausalRunner`); a
+    draft proposes several tokens per round, so its per-step overhead is what a fast draft
+    must cut. Batches whose rows accept different counts fall back to eager steps.
+
+    ``int8_head``: the draft's runner uses a W8A8 copy of its LM head (the vocabulary
+    projection is the largest matrix a small model reads per token; a W4/W8A8 checkpoint
+    keeps it fp32 for quality). Only proposals change: the target verifies every token, so
+    the output is exactly the target's either way. The draft model itself is not modified."""
+    from slimformer.decoding.speed import weight_bytes_per_token
+
     check_same_vocab(target_lm, draft_lm)
-    r = CausalRunner(draft_lm)
-    tp = sum(p.numel() for p in target_lm.model.parameters())
-    dp = sum(p.numel() for p in draft_lm.model.parameters())
-    return ModelDraft(r, cost=min(1.0, dp / max(tp, 1)), name=draft_lm.name)
+    r = CausalRunner(draft_lm, compile=compile)
+    if int8_head:
+        r.head = _int8_head(r.head)
+    # a decode step streams its weights: bytes read per token (packed storage counted, so a W4
+    # draft is cheap) is the draft's cost relative to a target step, for the adaptive k
+    tb = weight_bytes_per_token(CausalRunner(target_lm))
+    return ModelDraft(r, cost=min(1.0, weight_bytes_per_token(r) / max(tb, 1)), name=draft_lm.name)
+
+
+def _int8_head(head: nn.Module) -> nn.Module:
+    """A W8A8 (per-channel int8 weights, per-token int8 activations) copy of an fp32 head."""
+    from slimformer.formats.linear import Int8Linear, linear_bias, linear_weight
+    from slimformer.primitives.affine import QuantSpec, quantize
+
+    try:
+        w = linear_weight(head)
+    except TypeError:
+        return head  # already compressed, or not a plain linear: keep it
+    spec = QuantSpec(bits=8, symmetric=True, granularity="channel")
+    return Int8Linear.from_quantized(quantize(w.detach().float(), spec), linear_bias(head))
 
 
 def check_same_vocab(target_lm, draft_lm) -> None:
