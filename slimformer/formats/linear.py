@@ -66,29 +66,6 @@ def _nbytes(*ts: Optional[torch.Tensor]) -> int:
 # =============================================================================================
 # weight-only
 # =============================================================================================
-@torch.library.custom_op("slimformer::int4_linear", mutates_args=())
-def int4_linear_op(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                   zero: Optional[torch.Tensor], group_size: int, zero_const: float) -> torch.Tensor:
-    """Our int4 kernel as an opaque op (torch.compile traces around it)."""
-    return cpu_kernels().int4_linear(x2, qweight, scale, zero, group_size, zero_const)
-
-
-@int4_linear_op.register_fake
-def _int4_linear_fake(x2, qweight, scale, zero, group_size, zero_const):
-    return x2.new_empty(x2.shape[0], qweight.shape[0])
-
-
-@torch.library.custom_op("slimformer::f32_linear", mutates_args=())
-def f32_linear_op(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Our few-token fp32 kernel as an opaque op: x2 [M, K] @ weight[N, K]^T."""
-    return cpu_kernels().f32_linear(x2, weight)
-
-
-@f32_linear_op.register_fake
-def _f32_linear_fake(x2, weight):
-    return x2.new_empty(x2.shape[0], weight.shape[0])
-
-
 def few_token_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``, except that a plain fp32 ``nn.Linear`` fed at most ``KERNEL_MAX_M`` tokens
     (a decode or verify step) runs our fp32 kernel: MKL's GEMV streams the weights with one
@@ -100,9 +77,9 @@ def few_token_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             and not (torch.is_grad_enabled() and module.weight.requires_grad)
             and cpu_kernels() is not None):
         x2 = x.reshape(-1, x.shape[-1])
-        if torch.compiler.is_compiling():
-            y = f32_linear_op(x2, module.weight)
-        else:  # eager: the custom op's dispatch costs more than a small layer's kernel
+        if torch.compiler.is_compiling():  # the dispatcher op: traceable, registered in C++
+            y = torch.ops.slimformer.f32_linear(x2, module.weight)
+        else:
             y = cpu_kernels().f32_linear(x2, module.weight)
         if module.bias is not None:
             y = y + module.bias
@@ -253,9 +230,9 @@ class QuantLinear(nn.Module):
         offset = 8.0 if self.spec.code_dtype == torch.int8 else 0.0  # signed codes stored + 8
         zero = None if self.zero is None else self.zero.to(torch.float32) + offset
         gs = self.spec.group_size if self.spec.granularity == "group" else self.in_features
-        if torch.compiler.is_compiling():
-            return int4_linear_op(x2, self.qweight, self.scale, zero, gs, offset)
-        return cpu_kernels().int4_linear(x2, self.qweight, self.scale, zero, gs, offset)  # eager: no op dispatch
+        if torch.compiler.is_compiling():  # the dispatcher op: traceable, registered in C++
+            return torch.ops.slimformer.int4_linear(x2, self.qweight, self.scale, zero, gs, offset)
+        return cpu_kernels().int4_linear(x2, self.qweight, self.scale, zero, gs, offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -1,6 +1,8 @@
 """Native CPU kernels, compiled on first use with the local C++ compiler.
 
-``cpu_kernels()`` returns the compiled extension module, or ``None`` (with one warning) when it
+``cpu_kernels()`` returns the compiled extension module (plain functions, for eager code; the
+same kernels are also registered as ``torch.ops.slimformer.int4_linear`` / ``f32_linear`` for
+``torch.compile``d graphs), or ``None`` (with one warning) when it
 cannot be built -- no compiler, a failed build, or ``SLIMFORMER_NO_KERNELS=1`` -- in which case
 callers fall back to their pure-PyTorch path, which computes the same result more slowly.
 
@@ -55,5 +57,20 @@ def cpu_kernels() -> Optional[ModuleType]:
             warnings.warn(f"slimformer CPU kernels unavailable ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}); "
                           "using the slower pure-PyTorch paths", RuntimeWarning, stacklevel=2)
+        if module is not None:
+            _register_fakes()
         _STATE["module"] = module
         return module
+
+
+def _register_fakes() -> None:
+    """Shapes of the dispatcher ops (``torch.ops.slimformer.*``) for torch.compile's tracing."""
+    import torch
+
+    @torch.library.register_fake("slimformer::int4_linear")
+    def _int4(x, qweight, scale, zero, group_size, zero_const):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("slimformer::f32_linear")
+    def _f32(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])

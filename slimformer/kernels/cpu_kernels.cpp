@@ -279,6 +279,19 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor weight) {
 
 bool has_avx512() { return SF_AVX512 != 0; }
 
+// As dispatcher ops (torch.ops.slimformer.*): what torch.compile'd graphs call. A Python
+// custom op would cost ~10 us of Python per call, more than a small layer's kernel.
+TORCH_LIBRARY_FRAGMENT(slimformer, m) {
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int group_size, float zero_const) -> Tensor");
+  m.def("f32_linear(Tensor x, Tensor weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("f32_linear", &f32_linear);
+}
+
+// As plain Python functions: what eager code calls (no dispatcher on the per-step path).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "4-bit weight-only linear for few tokens");
   m.def("f32_linear", &f32_linear, "fp32 linear for few tokens (no bias)");
