@@ -11,7 +11,7 @@
 //   The codes are never expanded to a float matrix: 16 bytes (32 codes) become two vectors of
 //   16 floats that are multiplied into the even / odd columns of x (x is de-interleaved once per
 //   call). The per-group inner sums are exact float sums of products of small integers and x.
-// * f32_linear: plain fp32 rows, four row streams at a time.
+// * f32_linear: plain fp32 rows, one sequential row stream per thread.
 //
 // The AVX-512 paths are used when the compiler targets AVX-512 (-march=native on such a CPU);
 // otherwise portable scalar loops compute the same sums.
@@ -209,38 +209,36 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
 
 namespace {
 
-// Rows n0..n1 of W [N, K] against MB token rows of x [M, K]; R weight rows stream at once.
+// Rows n0..n1 of W [N, K] against MB token rows of x [M, K], one weight row at a time: the
+// weights are then read as one sequential stream, which the hardware prefetcher follows best
+// (measured: 22 GB/s on one thread vs 13-16 GB/s for 4 or 8 interleaved row streams).
 template <int MB>
 void f32_block(const float* w, const float* const* xr, int64_t K, int64_t n0, int64_t n1,
                float* y, int64_t m0, int64_t N) {
-  constexpr int R = 4;
-  int64_t n = n0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* wr = w + n * K;
 #if SF_AVX512
-  for (; n + R <= n1; n += R) {
-    __m512 acc[R][MB];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      const int64_t c = std::min<int64_t>(16, K - k);
-      const __mmask16 mask = c == 16 ? static_cast<__mmask16>(0xFFFF)
-                                     : static_cast<__mmask16>((1u << c) - 1u);
-      __m512 xv[MB];
-      for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, xr[m] + k);
-      for (int r = 0; r < R; ++r) {
-        const __m512 wv = _mm512_maskz_loadu_ps(mask, w + (n + r) * K + k);
-        for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
-      }
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      const __m512 wv = _mm512_loadu_ps(wr + k);
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr[m] + k), acc[m]);
     }
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
-  }
-#endif
-  for (; n < n1; ++n) {
+    if (k < K) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
+      const __m512 wv = _mm512_maskz_loadu_ps(mask, wr + k);
+      for (int m = 0; m < MB; ++m)
+        acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, xr[m] + k), acc[m]);
+    }
+    for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n] = _mm512_reduce_add_ps(acc[m]);
+#else
     for (int m = 0; m < MB; ++m) {
       float a = 0.f;
-      for (int64_t k = 0; k < K; ++k) a += w[n * K + k] * xr[m][k];
+      for (int64_t k = 0; k < K; ++k) a += wr[k] * xr[m][k];
       y[(m0 + m) * N + n] = a;
     }
+#endif
   }
 }
 
