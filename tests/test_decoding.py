@@ -131,6 +131,13 @@ def test_cli_generate_plain_and_speculative(monkeypatch, capsys):
     assert "draft length" in capsys.readouterr().err
     assert main(["generate", "--model", "x", "--prompt", "abc", "--prompt-lookup", "--compile"]) == 2
     assert "--compile applies to the plain loop" in capsys.readouterr().err
+    assert main(["generate", "--model", "x", "--prompt", "abc", "--draft-int8-head"]) == 2
+    assert "needs --draft" in capsys.readouterr().err
+    # a (here: same-weights) draft model with an int8 head: same text as the plain loop
+    assert main(["generate", "--model", "x", "--prompt", "abcabc", "-n", "8", "--draft", "y",
+                 "--draft-int8-head"]) == 0
+    drafted = capsys.readouterr()
+    assert "acceptance" in drafted.err and drafted.out == plain.out
 
 
 def test_static_step_equals_dynamic_step(lm):

@@ -17,7 +17,10 @@ def register(group: click.Group) -> None:
 @click.option("--top-k", default=0, show_default=True, type=int)
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--draft", help="Speculative decoding with this draft model (same vocabulary).")
+@click.option("--draft", help="Speculative decoding with this draft model (same vocabulary), e.g. the "
+              "same model compressed (a W8A8 or W4 folder).")
+@click.option("--draft-int8-head", is_flag=True,
+              help="The --draft model proposes with a W8A8 copy of its LM head (faster; output unchanged).")
 @click.option("--prompt-lookup", is_flag=True, help="Speculative decoding with n-gram prompt lookup.")
 @click.option("--self-draft-layers", type=int, help="Speculative decoding with the first k blocks as draft.")
 @click.option("--num-draft", "-k", default=4, show_default=True, type=int, help="Draft length k.")
@@ -25,8 +28,9 @@ def register(group: click.Group) -> None:
               help="Adapt k to the running acceptance rate.")
 @click.option("--threads", default=0, type=int, help="torch threads (0 = default).")
 @click.option("--compile", "compile_", is_flag=True,
-              help="Decode steps through torch.compile (plain loop only; the first step compiles, ~1 min).")
-def generate_cmd(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, draft,
+              help="Decode steps through torch.compile: the plain loop's, or the --draft model's "
+                   "(the first step compiles, ~1 min).")
+def generate_cmd(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, draft, draft_int8_head,
                  prompt_lookup, self_draft_layers, num_draft, adaptive, threads, compile_):
     """Generate text with our static-cache loop (optionally speculative); prints text and tokens/s."""
     import torch
@@ -45,15 +49,18 @@ def generate_cmd(model, prompts, max_new_tokens, temperature, top_k, top_p, seed
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     lm = load(model)
     if draft:
-        d = model_draft(lm, load(draft))
+        d = model_draft(lm, load(draft), compile=compile_, int8_head=draft_int8_head)
     elif prompt_lookup:
         d = PromptLookupDraft()
     elif self_draft_layers is not None:
         d = early_exit_draft(lm, self_draft_layers)
     else:
         d = None
-    if compile_ and d is not None:
-        raise SlimformerError("--compile applies to the plain loop; drop it for speculative decoding")
+    if draft_int8_head and not draft:
+        raise SlimformerError("--draft-int8-head needs --draft")
+    if compile_ and d is not None and not draft:
+        raise SlimformerError("--compile applies to the plain loop and to --draft models; drop it for "
+                              "--prompt-lookup / --self-draft-layers")
     if d is None:
         res = generate(lm, list(prompts), max_new_tokens, sampling=sampling, seed=seed, compile=compile_)
     else:
