@@ -169,11 +169,21 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   float* xe = scratch.data();
   float* xo = xe + M * kb;
   float* xs = xo + M * kb;
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k) {
-      const float v = xp[m * K + k];
-      (k % 2 == 0 ? xe : xo)[m * kb + k / 2] = v;
-      xs[m * G + std::min(k / gs, G - 1)] += v;
+  for (int64_t m = 0; m < M; ++m) {  // no division or branch per element: this runs per call
+    const float* xr = xp + m * K;
+    float* e = xe + m * kb;
+    float* o = xo + m * kb;
+    const int64_t pairs = K / 2;
+    for (int64_t b = 0; b < pairs; ++b) {
+      e[b] = xr[2 * b];
+      o[b] = xr[2 * b + 1];
+    }
+    if (K % 2) e[pairs] = xr[K - 1];  // o[pairs] stays 0: the padding nibble meets a zero
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k1 = g == G - 1 ? K : std::min(K, (g + 1) * gs);
+      float sum = 0.f;
+      for (int64_t k = g * gs; k < k1; ++k) sum += xr[k];
+      xs[m * G + g] = sum;
     }
   }
   auto y = torch::empty({M, N}, x.options());
