@@ -30,7 +30,7 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     (1, 576, 192, 64, False, False),   # SmolLM2 k_proj
     (3, 577, 100, 64, True, False),    # odd K: the last byte holds one code; partial last group
     (5, 1536, 61, 128, False, True),   # bf16 scales, N not a multiple of the 16-row tiles
-    (9, 70, 33, 16, True, False),      # two full token blocks of 4 and one of 1
+    (9, 70, 33, 16, True, False),      # a token block of 8 and one of 1
     (2, 100, 40, 100, True, False),    # one group spanning the row
     (4, 50, 7, 64, False, False),      # one partial group, fewer rows than a tile
 ])
@@ -63,7 +63,7 @@ def test_int4_kernel_rejects_bad_shapes():
 
 
 @needs_kernels
-@pytest.mark.parametrize("m,k,n", [(1, 576, 576), (4, 577, 49), (7, 1536, 3), (16, 33, 130)])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 576), (4, 577, 49), (7, 1536, 3), (13, 33, 130), (16, 40, 17)])
 def test_f32_kernel_matches_float64_reference(m, k, n):
     torch.manual_seed(m * k)
     x, w = torch.randn(m, k), torch.randn(n, k)
@@ -125,6 +125,11 @@ def test_few_token_linear_keeps_autograd_and_other_modules():
     x = torch.randn(1, 8)
     y = few_token_linear(lin, x)
     assert y.requires_grad and y.grad_fn is not None
+    frozen = nn.Linear(8, 4).requires_grad_(False)
+    xg = torch.randn(1, 8, requires_grad=True)
+    assert few_token_linear(frozen, xg).grad_fn is not None  # gradient to the input survives
+    q = QuantLinear.from_quantized(quantize(torch.randn(4, 64), QuantSpec(bits=4, group_size=32)))
+    assert q(torch.randn(1, 64, requires_grad=True)).grad_fn is not None
     half = nn.Linear(8, 4).to(torch.bfloat16)
     assert few_token_linear(half, x.to(torch.bfloat16)).dtype == torch.bfloat16
 

@@ -74,7 +74,7 @@ def few_token_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     The decoding loop calls its linears through this; the model itself is not changed."""
     if (type(module) is nn.Linear and x.dtype == torch.float32
             and module.weight.dtype == torch.float32 and x.numel() <= KERNEL_MAX_M * x.shape[-1]
-            and not (torch.is_grad_enabled() and module.weight.requires_grad)
+            and not (torch.is_grad_enabled() and (module.weight.requires_grad or x.requires_grad))
             and cpu_kernels() is not None):
         x2 = x.reshape(-1, x.shape[-1])
         if torch.compiler.is_compiling():  # the dispatcher op: traceable, registered in C++
@@ -238,7 +238,8 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32)  # [M, K]
         m = x2.shape[0]
-        if m <= KERNEL_MAX_M and self.kernel_fits() and cpu_kernels() is not None:
+        if (m <= KERNEL_MAX_M and not (torch.is_grad_enabled() and x2.requires_grad)  # no autograd
+                and self.kernel_fits() and cpu_kernels() is not None):
             y = self._kernel_forward(x2)
         elif self.backend == "int4pack" and m <= INT4PACK_MAX_M:
             xp = F.pad(x2, (0, self._k_pad - self.in_features)).to(torch.bfloat16)

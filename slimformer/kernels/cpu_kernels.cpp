@@ -2,7 +2,7 @@
 //
 // Both kernels compute y[m, n] = sum_k W[n, k] x[m, k] for small M (a handful of tokens), where
 // a decode step is bound by how fast the weight bytes stream from memory: each weight row is
-// read once and applied to up to 4 token rows while it sits in L1.
+// read once and applied to up to 8 token rows while it sits in L1.
 //
 // * int4_linear: W stays in slimformer's canonical 4-bit packing (two codes per byte, even
 //   column in the low nibble, rows of ceil(K/2) bytes) with per-group scales s[n, g] and zero
@@ -33,6 +33,7 @@
 namespace {
 
 constexpr int64_t kTileRows = 16;  // weight rows applied to every token block before moving on
+constexpr int kMaxTokenBlock = 8;  // token rows sharing one pass over a weight row (registers)
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -195,17 +196,21 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   at::parallel_for(0, N, 16, [&](int64_t c0, int64_t c1) {
     for (int64_t t0 = c0; t0 < c1; t0 += kTileRows) {  // a tile of rows stays in cache for all m
       const int64_t t1 = std::min(t0 + kTileRows, c1);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
-        const float* xer[4];
-        const float* xor_[4];
-        const float* xsr[4];
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxTokenBlock) {
+        const int mb = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, M - m0));
+        const float* xer[kMaxTokenBlock];
+        const float* xor_[kMaxTokenBlock];
+        const float* xsr[kMaxTokenBlock];
         for (int i = 0; i < mb; ++i) {
           xer[i] = xe + (m0 + i) * kb;
           xor_[i] = xo + (m0 + i) * kb;
           xsr[i] = xs + (m0 + i) * G;
         }
         switch (mb) {
+          case 8: int4_block<8>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
+          case 7: int4_block<7>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
+          case 6: int4_block<6>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
+          case 5: int4_block<5>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
           case 4: int4_block<4>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
           case 3: int4_block<3>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
           case 2: int4_block<2>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
@@ -269,11 +274,15 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor weight) {
   at::parallel_for(0, N, 64, [&](int64_t c0, int64_t c1) {
     for (int64_t t0 = c0; t0 < c1; t0 += kTileRows) {  // a tile of rows stays in cache for all m
       const int64_t t1 = std::min(t0 + kTileRows, c1);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
-        const float* xr[4];
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxTokenBlock) {
+        const int mb = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, M - m0));
+        const float* xr[kMaxTokenBlock];
         for (int i = 0; i < mb; ++i) xr[i] = xp + (m0 + i) * K;
         switch (mb) {
+          case 8: f32_block<8>(wp, xr, K, t0, t1, yp, m0, N); break;
+          case 7: f32_block<7>(wp, xr, K, t0, t1, yp, m0, N); break;
+          case 6: f32_block<6>(wp, xr, K, t0, t1, yp, m0, N); break;
+          case 5: f32_block<5>(wp, xr, K, t0, t1, yp, m0, N); break;
           case 4: f32_block<4>(wp, xr, K, t0, t1, yp, m0, N); break;
           case 3: f32_block<3>(wp, xr, K, t0, t1, yp, m0, N); break;
           case 2: f32_block<2>(wp, xr, K, t0, t1, yp, m0, N); break;
