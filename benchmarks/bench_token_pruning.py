@@ -9,6 +9,11 @@ slimformer.eval.speed (interleaved runs, median) on
 * 128-token WikiText-2 passages (``--long`` texts): where token reduction has room to pay;
   quality there is the mean cosine between pruned and unpruned embeddings (no labels).
 
+``--recover STEPS``: before scoring, fine-tune each pruned model for STEPS steps so that its
+pooled embeddings match the unpruned model's (:func:`slimformer.prune.tokens.recover_token_pruning`:
+self-distillation on unlabelled STS-B *dev* + SST-2 train sentences, no labels; EViT and ToMe
+report accuracy after fine-tuning with the reduction in place). Speed does not depend on it.
+
 Target (issue 5): throughput >= 1.3x with STS-B drop <= 1 point. Timing: run under the lock
 
     flock /tmp/slimformer-cpu.lock python benchmarks/bench_token_pruning.py --runs 5 --json /tmp/tp.json
@@ -89,6 +94,10 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true", help="quality only")
     ap.add_argument("--count-only", action="store_true",
                     help="only count tokens x blocks processed (no STS-B, no timing)")
+    ap.add_argument("--recover", type=int, default=0, metavar="STEPS",
+                    help="self-distillation recovery steps per pruned model (0: off-the-shelf)")
+    ap.add_argument("--recover-lr", type=float, default=2e-5)
+    ap.add_argument("--recover-batch", type=int, default=32)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -98,7 +107,7 @@ def main() -> None:
     from slimformer import load
     from slimformer.eval.encoders import ENCODE_BATCH, embed, stsb
     from slimformer.eval.speed import SpeedConfig, _interleaved_medians, speed_metrics
-    from slimformer.prune.tokens import apply_token_pruning
+    from slimformer.prune.tokens import apply_token_pruning, recover_token_pruning, recovery_sentences
 
     lm = load("minilm-l6")
     base = dataclasses.replace(lm)
@@ -132,9 +141,23 @@ def main() -> None:
     rows = []
     for spec in args.configs.split(","):
         cfg = parse_config(spec)
-        p = apply_token_pruning(dataclasses.replace(lm), cfg)
+        if args.recover:  # own weights: training must not touch the baseline's
+            import copy
+
+            p = apply_token_pruning(dataclasses.replace(lm, model=copy.deepcopy(lm.model)), cfg)
+            t0 = time.perf_counter()
+            tlog = recover_token_pruning(p, recovery_sentences(), steps=args.recover, lr=args.recover_lr,
+                                         batch_size=args.recover_batch)
+            rec = {"steps": args.recover, "lr": args.recover_lr, "batch": args.recover_batch,
+                   "seconds": round(time.perf_counter() - t0, 1), "first_loss": tlog.loss[0],
+                   "last_loss": tlog.loss[-1]}
+            log.info("%s: recovered in %.0f s, loss %.4f -> %.4f", spec, rec["seconds"], tlog.loss[0], tlog.loss[-1])
+        else:
+            p, rec = apply_token_pruning(dataclasses.replace(lm), cfg), None
         s = stsb(p, show_progress=False)["spearman"]
         row = {"config": spec, "settings": cfg.to_dict(), "stsb": s, "stsb_delta": s - s_base}
+        if rec:
+            row["recovery"] = rec
         if texts:
             row["long_cosine"] = float(torch.nn.functional.cosine_similarity(embed(p, texts), ref_long).mean())
         if not args.skip_speed:

@@ -259,3 +259,37 @@ def test_wrapper_owns_no_second_copy_of_the_weights():
     keys = set(lm.model.state_dict())
     apply_token_pruning(lm, TokenPruningConfig(method="tome", r=2))
     assert set(lm.model.state_dict()) == {"inner." + k for k in keys}
+
+
+def test_recovery_pulls_pruned_embeddings_toward_the_unpruned_model():
+    """Self-distillation recovery: the pruned encoder's pooled embeddings move toward the
+    unpruned ones (on held-out sentences too), the teacher copy is not trained, and a plain
+    model is refused."""
+    import copy
+
+    from slimformer.errors import SlimformerError
+    from slimformer.prune.tokens import recover_token_pruning, recovery_sentences
+
+    lm = tiny_model("bert")
+    plain = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
+    train_s = [f"sentence number {i} says something about {w}" for i, w in
+               enumerate(["cats", "dogs", "rain", "sun", "tea", "code", "music", "books"] * 4)]
+    held = ["a held out sentence about weather", "another one, on food and drink"]
+    pruned = apply_token_pruning(dataclasses.replace(lm, model=copy.deepcopy(lm.model)),
+                                 TokenPruningConfig(method="evit", keep_rate=0.5))
+
+    def gap(m):
+        return float(1 - torch.nn.functional.cosine_similarity(embed(m, held), embed(plain, held)).mean())
+
+    before = gap(pruned)
+    w0 = [p.detach().clone() for p in plain.model.parameters()]
+    tlog = recover_token_pruning(pruned, train_s, steps=30, lr=3e-4, batch_size=8, max_len=48)
+    assert tlog.loss[-1] < tlog.loss[0]
+    assert gap(pruned) < before
+    assert all(torch.equal(a, b) for a, b in zip(w0, plain.model.parameters()))
+    with pytest.raises(SlimformerError, match="apply_token_pruning"):
+        recover_token_pruning(plain, train_s, steps=1)
+    sents = recovery_sentences()
+    from slimformer.data import stsb
+    test_s = {t for a, b, _ in stsb("test") for t in (a, b)}
+    assert len(sents) > 1000 and not (set(sents) & test_s)

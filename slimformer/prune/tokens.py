@@ -446,6 +446,85 @@ def apply_token_pruning(lm, cfg: TokenPruningConfig):
     return lm
 
 
+def recovery_sentences(limit: Optional[int] = None) -> list[str]:
+    """Unlabelled training text for :func:`recover_token_pruning`: the STS-B *dev* sentences and
+    the SST-2 train sentences shipped with slimformer; any sentence that also occurs in STS-B
+    test (the eval) is left out."""
+    from slimformer.data import sst2, stsb
+
+    seen = {t for a, b, _ in stsb("test") for t in (a, b)}  # never train on an eval sentence
+    out = []
+    for a, b, _ in stsb("dev"):
+        for t in (a, b):
+            if t not in seen:
+                seen.add(t)
+                out.append(t)
+    for t, _ in sst2("train"):
+        if t not in seen:
+            seen.add(t)
+            out.append(t)
+    return out[:limit] if limit else out
+
+
+def recover_token_pruning(lm, sentences: list[str], steps: int = 300, lr: float = 2e-5,
+                          batch_size: int = 32, max_len: int = 64, seed: int = 0,
+                          progress: bool = False):
+    """Fine-tune a token-pruned sentence encoder so that its pooled embeddings match those of the
+    unpruned model (representation distillation from the model itself, no labels). EViT and ToMe
+    report their accuracy after fine-tuning with the reduction in place; an off-the-shelf
+    mean-pooled text encoder loses points at any keep rate that saves compute (see
+    ``benchmarks/RESULTS.md``). Loss: ``1 - cos(student, teacher)`` per sentence, through the
+    shared training loop (:func:`slimformer.distill.trainer.train`); every weight trains.
+
+    ``lm.model`` must be a :class:`TokenPrunedEncoder` (see :func:`apply_token_pruning`); its
+    weights change in place, the teacher is a frozen copy taken first. Returns the TrainLog."""
+    import copy
+
+    from slimformer.distill.batches import TokenBatches
+    from slimformer.distill.trainer import TrainConfig, train
+    from slimformer.eval.encoders import mean_pool
+
+    student = lm.model
+    if not isinstance(student, TokenPrunedEncoder) or student.spec.kind != "encoder":
+        raise SlimformerError("recover_token_pruning needs a text encoder with token pruning applied "
+                              "(apply_token_pruning first)")
+    if len(sentences) < batch_size:
+        raise SlimformerError(f"recover_token_pruning: {len(sentences)} sentences, fewer than "
+                              f"batch_size {batch_size}")
+    teacher = copy.deepcopy(student.inner).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    enc = lm.tokenizer(list(sentences), padding="max_length", truncation=True, max_length=max_len,
+                       return_tensors="pt")
+    data = TokenBatches(enc["input_ids"], batch_size, seed=seed, mask=enc["attention_mask"])
+
+    def loss(s: nn.Module, batch: dict, t: nn.Module) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        width = int(mask.sum(1).max())  # drop the columns that are padding in every row
+        ids, mask = ids[:, :width], mask[:, :width]
+        with torch.no_grad():
+            want = mean_pool(t(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        out = s(input_ids=ids, attention_mask=mask)
+        got = mean_pool(out.last_hidden_state, out.token_weights)
+        return (1 - torch.nn.functional.cosine_similarity(got, want, dim=-1)).mean()
+
+    params = [p for p in student.inner.parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=max_len, seed=seed,
+                      warmup=max(1, steps // 10), progress=progress)
+    try:
+        student.train()
+        tlog = train(student, data, cfg, loss=loss, teacher=teacher, params=params)
+    finally:
+        student.eval()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+            p.grad = None
+    return tlog
+
+
 def remove_token_pruning(lm):
     """Undo :func:`apply_token_pruning` (no-op on a plain model). Returns ``lm``."""
     if isinstance(lm.model, TokenPrunedEncoder):
