@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -34,6 +35,36 @@ namespace {
 
 constexpr int64_t kTileRows = 16;  // weight rows applied to every token block before moving on
 constexpr int kMaxTokenBlock = 8;  // token rows sharing one pass over a weight row (registers)
+
+// Calls fn(t0, t1, m0, mb) for every tile of kTileRows weight rows (tiles split across threads)
+// and, inside a tile, every block of mb <= kMaxTokenBlock token rows: a tile stays in cache while
+// all token blocks use it.
+template <typename Fn>
+void over_tiles(int64_t N, int64_t M, int64_t grain, const Fn& fn) {
+  at::parallel_for(0, N, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t t0 = c0; t0 < c1; t0 += kTileRows) {
+      const int64_t t1 = std::min(t0 + kTileRows, c1);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxTokenBlock)
+        fn(t0, t1, m0, static_cast<int>(std::min<int64_t>(kMaxTokenBlock, M - m0)));
+    }
+  });
+}
+
+// fn(std::integral_constant<int, mb>{}) for a runtime mb in 1..kMaxTokenBlock: one compiled
+// body per block size, so the per-token accumulators live in registers.
+template <typename Fn>
+void with_block(int mb, const Fn& fn) {
+  switch (mb) {
+    case 8: fn(std::integral_constant<int, 8>{}); break;
+    case 7: fn(std::integral_constant<int, 7>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    default: fn(std::integral_constant<int, 1>{}); break;
+  }
+}
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -193,31 +224,18 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   const ScaleView sc = scale_view(scale);
   const float zf = static_cast<float>(zconst);
 
-  at::parallel_for(0, N, 16, [&](int64_t c0, int64_t c1) {
-    for (int64_t t0 = c0; t0 < c1; t0 += kTileRows) {  // a tile of rows stays in cache for all m
-      const int64_t t1 = std::min(t0 + kTileRows, c1);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxTokenBlock) {
-        const int mb = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, M - m0));
-        const float* xer[kMaxTokenBlock];
-        const float* xor_[kMaxTokenBlock];
-        const float* xsr[kMaxTokenBlock];
-        for (int i = 0; i < mb; ++i) {
-          xer[i] = xe + (m0 + i) * kb;
-          xor_[i] = xo + (m0 + i) * kb;
-          xsr[i] = xs + (m0 + i) * G;
-        }
-        switch (mb) {
-          case 8: int4_block<8>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
-          case 7: int4_block<7>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
-          case 6: int4_block<6>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
-          case 5: int4_block<5>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
-          case 4: int4_block<4>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
-          case 3: int4_block<3>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
-          case 2: int4_block<2>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
-          default: int4_block<1>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N); break;
-        }
-      }
+  over_tiles(N, M, 16, [&](int64_t t0, int64_t t1, int64_t m0, int mb) {
+    const float* xer[kMaxTokenBlock];
+    const float* xor_[kMaxTokenBlock];
+    const float* xsr[kMaxTokenBlock];
+    for (int i = 0; i < mb; ++i) {
+      xer[i] = xe + (m0 + i) * kb;
+      xor_[i] = xo + (m0 + i) * kb;
+      xsr[i] = xs + (m0 + i) * G;
     }
+    with_block(mb, [&](auto B) {
+      int4_block<decltype(B)::value>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N);
+    });
   });
   return y;
 }
@@ -271,25 +289,10 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor weight) {
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t c0, int64_t c1) {
-    for (int64_t t0 = c0; t0 < c1; t0 += kTileRows) {  // a tile of rows stays in cache for all m
-      const int64_t t1 = std::min(t0 + kTileRows, c1);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxTokenBlock) {
-        const int mb = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, M - m0));
-        const float* xr[kMaxTokenBlock];
-        for (int i = 0; i < mb; ++i) xr[i] = xp + (m0 + i) * K;
-        switch (mb) {
-          case 8: f32_block<8>(wp, xr, K, t0, t1, yp, m0, N); break;
-          case 7: f32_block<7>(wp, xr, K, t0, t1, yp, m0, N); break;
-          case 6: f32_block<6>(wp, xr, K, t0, t1, yp, m0, N); break;
-          case 5: f32_block<5>(wp, xr, K, t0, t1, yp, m0, N); break;
-          case 4: f32_block<4>(wp, xr, K, t0, t1, yp, m0, N); break;
-          case 3: f32_block<3>(wp, xr, K, t0, t1, yp, m0, N); break;
-          case 2: f32_block<2>(wp, xr, K, t0, t1, yp, m0, N); break;
-          default: f32_block<1>(wp, xr, K, t0, t1, yp, m0, N); break;
-        }
-      }
-    }
+  over_tiles(N, M, 64, [&](int64_t t0, int64_t t1, int64_t m0, int mb) {
+    const float* xr[kMaxTokenBlock];
+    for (int i = 0; i < mb; ++i) xr[i] = xp + (m0 + i) * K;
+    with_block(mb, [&](auto B) { f32_block<decltype(B)::value>(wp, xr, K, t0, t1, yp, m0, N); });
   });
   return y;
 }
