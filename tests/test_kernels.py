@@ -162,3 +162,19 @@ def test_compiled_w4_decode_gives_the_eager_tokens():
     got = generate(lm, prompts, 8, stop_on_eos=False, runner=runner).tokens
     assert runner.compile  # compiled as one graph, no fallback
     assert got == eager
+
+
+@needs_kernels
+def test_cached_kernel_arguments_follow_new_weights():
+    """The few-token path caches its kernel arguments; loading other weights (or moving the
+    module) must not leave it computing with the old ones."""
+    spec = QuantSpec(bits=4, symmetric=False, group_size=32)
+    a = QuantLinear.from_quantized(quantize(torch.randn(16, 64), spec))
+    b = QuantLinear.from_quantized(quantize(torch.randn(16, 64), spec))
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        a(x)  # fills the cache
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(x), b(x))
+        c = copy.deepcopy(b).float()  # _apply: the cache is rebuilt for the new tensors
+        assert torch.equal(c(x), b(x))

@@ -71,19 +71,22 @@ def few_token_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     (a decode or verify step) runs our fp32 kernel: MKL's GEMV streams the weights with one
     thread at ~11 GB/s here, the kernel with all threads at 20-30 GB/s (``benchmarks/RESULTS.md``
     "Kernels"). Same sums in another order: results agree to float rounding, not bitwise.
-    The decoding loop calls its linears through this; the model itself is not changed."""
-    if (type(module) is nn.Linear and x.dtype == torch.float32
-            and module.weight.dtype == torch.float32 and x.numel() <= KERNEL_MAX_M * x.shape[-1]
-            and not (torch.is_grad_enabled() and (module.weight.requires_grad or x.requires_grad))
-            and cpu_kernels() is not None):
-        x2 = x.reshape(-1, x.shape[-1])
-        if torch.compiler.is_compiling():  # the dispatcher op: traceable, registered in C++
-            y = torch.ops.slimformer.f32_linear(x2, module.weight)
-        else:
-            y = cpu_kernels().f32_linear(x2, module.weight)
-        if module.bias is not None:
-            y = y + module.bias
-        return y.view(*x.shape[:-1], y.shape[-1])
+    The decoding loop calls its linears through this; the model itself is not changed.
+    (Called ~200 times per decode step: the checks are ordered cheapest first.)"""
+    if type(module) is nn.Linear and x.dtype is torch.float32 and x.numel() <= KERNEL_MAX_M * x.shape[-1]:
+        w = module.weight
+        k = cpu_kernels()
+        if (k is not None and w.dtype is torch.float32
+                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+            x2 = x.reshape(-1, x.shape[-1])
+            if torch.compiler.is_compiling():  # the dispatcher op: traceable, registered in C++
+                y = torch.ops.slimformer.f32_linear(x2, w)
+            else:
+                y = k.f32_linear(x2, w)
+            b = module.bias
+            if b is not None:
+                y += b
+            return y.view(*x.shape[:-1], y.shape[-1])
     return module(x)
 
 
@@ -226,22 +229,45 @@ class QuantLinear(nn.Module):
             return False
         return self.scale.shape[1] == 1 or s.group_size % 2 == 0
 
-    def _kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+    def _kernel_args(self) -> Optional[tuple]:
+        """(qweight, scale, zero, group_size, zero_const) for our int4 kernel, or None."""
+        if not self.kernel_fits() or cpu_kernels() is None:
+            return None
         offset = 8.0 if self.spec.code_dtype == torch.int8 else 0.0  # signed codes stored + 8
         zero = None if self.zero is None else self.zero.to(torch.float32) + offset
         gs = self.spec.group_size if self.spec.granularity == "group" else self.in_features
-        if torch.compiler.is_compiling():  # the dispatcher op: traceable, registered in C++
-            return torch.ops.slimformer.int4_linear(x2, self.qweight, self.scale, zero, gs, offset)
-        return cpu_kernels().int4_linear(x2, self.qweight, self.scale, zero, gs, offset)
+        return (self.qweight, self.scale, zero, gs, offset)
+
+    # the kernel arguments are cached (a decode step calls ~200 of these modules; the checks
+    # and the float zero points cost more than a small layer's kernel) and dropped whenever the
+    # buffers may have been replaced or rewritten
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_kargs", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_kargs", None)
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype is torch.float32 and x.numel() <= KERNEL_MAX_M * self.in_features
+                and not (torch.is_grad_enabled() and x.requires_grad)):  # the kernel has no backward
+            if torch.compiler.is_compiling():  # the dispatcher op: traceable, registered in C++
+                kargs = self._kernel_args()
+                if kargs is not None:
+                    y = torch.ops.slimformer.int4_linear(x.reshape(-1, self.in_features), *kargs)
+                    return self._finish(y, x)
+            else:
+                k = cpu_kernels()  # None also when switched off (SLIMFORMER_NO_KERNELS) meanwhile
+                kargs = self.__dict__.get("_kargs", False)
+                if kargs is False and k is not None:
+                    kargs = self.__dict__["_kargs"] = self._kernel_args()
+                if kargs and k is not None:
+                    return self._finish(k.int4_linear(x.reshape(-1, self.in_features), *kargs), x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32)  # [M, K]
         m = x2.shape[0]
-        if (m <= KERNEL_MAX_M and not (torch.is_grad_enabled() and x2.requires_grad)  # no autograd
-                and self.kernel_fits() and cpu_kernels() is not None):
-            y = self._kernel_forward(x2)
-        elif self.backend == "int4pack" and m <= INT4PACK_MAX_M:
+        if self.backend == "int4pack" and m <= INT4PACK_MAX_M:
             xp = F.pad(x2, (0, self._k_pad - self.in_features)).to(torch.bfloat16)
             y = torch._weight_int4pack_mm_for_cpu(xp, self.qweight, self.spec.group_size,
                                                   self.scale_zeros)  # [M, Np] bf16
@@ -260,6 +286,11 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         s = self.spec
