@@ -111,7 +111,7 @@ def main() -> None:
     if args.compile:
         compiled = CausalRunner(lm, compile=True)
         t = time.perf_counter()
-        generate(lm, prompts[0], 4, runner=compiled)
+        generate(lm, prompts[0], args.max_new, runner=compiled)  # full length: the timed cache size
         log.info("compiled decode step in %.1f s", time.perf_counter() - t)
     modes = (["ours"] + ([] if args.no_lookup else ["ours_lookup"]) + ([] if args.no_hf else ["hf", "hf_lookup"])
              + (["ours_selfdraft"] if args.self_draft_layers else []) + list(drafts)
