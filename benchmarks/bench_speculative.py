@@ -34,15 +34,20 @@ from common import emit  # noqa: E402
 log = logging.getLogger("bench_speculative")
 
 
+def paragraphs(n: int) -> list[str]:
+    """The first ``n`` long (> 600 characters) WikiText-2 test paragraphs, detokenized."""
+    paras = [wikitext_detokenize(p.strip()) for p in wikitext2_test_text().split("\n\n")
+             if len(p.strip()) > 600]
+    return paras[:n]
+
+
 def grounded_prompts(tok, n: int, para_tokens: int) -> list[list[int]]:
     """``n`` prompts: a WikiText-2 paragraph (detokenized: "1 @,@ 000" -> "1,000", " , " -> ", ";
     cut to ``para_tokens``), an instruction to repeat it, and its first few words — the output
     should quote the input. (The raw WikiText spacing is not text a model reproduces: with it,
     SmolLM2 "repairs" the spacing while copying and most drafts are rejected.)"""
-    paras = [wikitext_detokenize(p.strip()) for p in wikitext2_test_text().split("\n\n")
-             if len(p.strip()) > 600]
     out = []
-    for p in paras[:n]:
+    for p in paragraphs(n):
         ids = tok(p)["input_ids"][:para_tokens]
         para = tok.decode(ids)
         head = " ".join(para.split()[:6])
@@ -53,9 +58,7 @@ def grounded_prompts(tok, n: int, para_tokens: int) -> list[list[int]]:
 def continue_prompts(tok, n: int, para_tokens: int) -> list[list[int]]:
     """``n`` plain continuation prompts: the first ``para_tokens`` tokens of detokenized
     WikiText-2 paragraphs (nothing to copy from: prompt lookup has little to find)."""
-    paras = [wikitext_detokenize(p.strip()) for p in wikitext2_test_text().split("\n\n")
-             if len(p.strip()) > 600]
-    return [tok(p)["input_ids"][:para_tokens] for p in paras[:n]]
+    return [tok(p)["input_ids"][:para_tokens] for p in paragraphs(n)]
 
 
 def hf(lm, ids: list[int], max_new: int, lookup: int = 0) -> tuple[list[int], float]:

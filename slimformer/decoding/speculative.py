@@ -189,16 +189,15 @@ def model_draft(target_lm, draft_lm, compile: bool = False, int8_head: bool = Fa
 
 
 def _int8_head(head: nn.Module) -> nn.Module:
-    """A W8A8 (per-channel int8 weights, per-token int8 activations) copy of an fp32 head."""
-    from slimformer.formats.linear import Int8Linear, linear_bias, linear_weight
-    from slimformer.primitives.affine import QuantSpec, quantize
+    """A W8A8 (per-channel int8 weights, per-token int8 activations) copy of an fp32 head: the
+    ``w8a8`` recipe's own conversion."""
+    from slimformer.quant.config import W8A8Config
+    from slimformer.quant.w8a8 import w8a8_linear
 
     try:
-        w = linear_weight(head)
+        return w8a8_linear(head, W8A8Config())
     except TypeError:
         return head  # already compressed, or not a plain linear: keep it
-    spec = QuantSpec(bits=8, symmetric=True, granularity="channel")
-    return Int8Linear.from_quantized(quantize(w.detach().float(), spec), linear_bias(head))
 
 
 def check_same_vocab(target_lm, draft_lm) -> None:

@@ -64,7 +64,7 @@ def _nbytes(*ts: Optional[torch.Tensor]) -> int:
 
 
 # =============================================================================================
-# weight-only
+# plain fp32 linears in a decode step
 # =============================================================================================
 def few_token_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``, except that a plain fp32 ``nn.Linear`` fed at most ``KERNEL_MAX_M`` tokens
@@ -90,6 +90,9 @@ def few_token_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
+# =============================================================================================
+# weight-only
+# =============================================================================================
 class QuantLinear(nn.Module):
     """Weight-only quantized linear: y = x @ dequant(W)^T + b with W kept packed.
 
