@@ -186,14 +186,17 @@ def test_rtn_guard_never_worse_than_rtn_per_row(caplog):
 
     from slimformer.engine.runner import EngineOptions, run
 
-    lm = tiny_model("llama")
-    with caplog.at_level(logging.INFO, logger="slimformer.quant.gptq"):
-        run(lm, [GPTQConfig(bits=2, group_size=32)], _calib(), EngineOptions(batch_size=4, progress=False))
-    lines = [r.getMessage() for r in caplog.records if "Hessian-weighted error" in r.getMessage()]
-    assert len(lines) == 3
-    for line in lines:
-        ratio = float(line.split("(")[1].split("x")[0])
-        assert ratio <= 1.0
+    for sequential, per_block in ((False, 1), (True, 4)):  # true-sequential: one line per input group
+        caplog.clear()
+        lm = tiny_model("llama")
+        with caplog.at_level(logging.INFO, logger="slimformer.quant.gptq"):
+            run(lm, [GPTQConfig(bits=2, group_size=32, true_sequential=sequential)], _calib(),
+                EngineOptions(batch_size=4, progress=False))
+        lines = [r.getMessage() for r in caplog.records if "Hessian-weighted error" in r.getMessage()]
+        assert len(lines) == 3 * per_block
+        for line in lines:
+            ratio = float(line.split("(")[1].split("x")[0])
+            assert ratio <= 1.0
 
 
 def test_config_validation_names_the_field():
@@ -201,6 +204,7 @@ def test_config_validation_names_the_field():
                        (dict(dampening_frac=-0.1), "gptq.dampening_frac"),
                        (dict(actorder="yes"), "gptq.actorder"),
                        (dict(group_qparams="eager"), "gptq.group_qparams"),
+                       (dict(true_sequential="yes"), "gptq.true_sequential"),
                        (dict(group_size=0), "gptq.group_size"), (dict(format="nf4", bits=3), "gptq")]:
         with pytest.raises(ConfigError, match=field):
             GPTQConfig(**bad)

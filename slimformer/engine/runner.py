@@ -256,7 +256,14 @@ def run_blocks(lm, stages: Sequence[StageConfig], samples: Optional[torch.Tensor
 
                 materialize(block, name + ".", source)
             check_finite(block, name + ".")
-            for plan, method in planned:
+            need_out = propagate and (i + 1 < len(blocks) or keep_outputs)
+            seq = _sequential(lm, i, name, block, planned, states, rest, options, need_out) \
+                if states is not None else False
+            if seq is not False:  # compressed and (if asked) propagated in one staged pass
+                if states is not None and need_out:
+                    states.close()
+                    states = seq
+            for plan, method in (planned if seq is False else ()):
                 targets = plan.in_block(name)
                 if not targets:
                     continue
@@ -268,7 +275,7 @@ def run_blocks(lm, stages: Sequence[StageConfig], samples: Optional[torch.Tensor
                 if any(kinds.values()):
                     ctx.stats = _calibrate(block, kinds, states, rest)
                 method.apply(ctx, plan.config)
-            if propagate and (i + 1 < len(blocks) or keep_outputs):  # nothing reads the last block's outputs
+            if seq is False and need_out:  # nothing reads the last block's outputs
                 nxt = ActivationCache(options.offload_dir)
                 for h, (a, kw) in zip(states, rest):
                     nxt.append(block_forward(block, h, a, kw))
@@ -295,6 +302,65 @@ def run_blocks(lm, stages: Sequence[StageConfig], samples: Optional[torch.Tensor
         states.close()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _sequential(lm, index: int, name: str, block: nn.Module, planned, states: ActivationCache,
+                rest: list[tuple[tuple, dict]], options: EngineOptions, need_out: bool):
+    """Compress ``block`` in one true-sequential pass (:mod:`slimformer.engine.sequential`)
+    when that applies: exactly one stage targets the block, its method and every target's
+    config allow it, and the block has a staged form that reproduces its forward. Returns
+    False when it does not apply (the generic pass runs), else the next block's inputs (None
+    when ``need_out`` is False)."""
+    from slimformer.engine.sequential import StagedBlock, run_sequential, staged_matches
+    from slimformer.observers import make_observer
+
+    active = [(p, m, p.in_block(name)) for p, m in planned if p.in_block(name)]
+    if len(active) != 1:
+        return False
+    plan, method, targets = active[0]
+    if not all(method.sequential(c) for c in targets.values()):
+        return False
+    if any(args or "_hidden_key" in kw for args, kw in rest):
+        return False
+    kwargs_of = [kw for _, kw in rest]
+    staged = StagedBlock.build(block, lm.arch, lm.model.config, kwargs_of[0])
+    if staged is None:
+        if index == 0:
+            log.info("%s: no staged form of this block; %s calibrates with the generic two-forward pass",
+                     name, method.name)
+        return False
+    h0, kw0 = states[0][:1], dict(kwargs_of[0])
+    mask = kw0.get("attention_mask")
+    if mask is not None and mask.dim() > 0 and mask.shape[0] > 1:
+        kw0["attention_mask"] = mask[:1]
+    if not staged_matches(staged, lambda h: block_forward(block, h, (), kw0), h0, kw0):
+        log.warning("%s: the staged forward does not reproduce the block; %s uses the generic pass",
+                    name, method.name)
+        return False
+
+    observers: dict[tuple[str, ...], dict] = {}
+
+    def observe(members: tuple[str, ...]):
+        kinds: list[str] = []
+        for rel in members:
+            if rel in targets:
+                kinds += [k for k in method.observers(targets[rel]) if k not in kinds]
+        if not any(rel in targets for rel in members):
+            return None
+        obs = observers[members] = {k: make_observer(k) for k in kinds}
+        return lambda x: [o.observe(x) for o in obs.values()]
+
+    def compress_group(members: tuple[str, ...]) -> None:
+        group = {rel: targets[rel] for rel in members if rel in targets}
+        res = {k: o.result() for k, o in observers.pop(members).items()}
+        ctx = BlockContext(index=index, name=name, block=block, arch=lm.arch, config=lm.model.config,
+                           targets=group, stats={rel: res for rel in group})
+        method.apply(ctx, plan.config)
+
+    missing = set(targets) - {rel for g in ("qkv", "o", "gate_up", "down") for rel in staged.members(g)}
+    if missing:  # a target the staged walk does not reach (e.g. a linear outside q..down)
+        return False
+    return run_sequential(staged, states, kwargs_of, compress_group, observe, options.offload_dir, need_out)
 
 
 def needs_calibration(plan: StagePlan, method: StageMethod) -> bool:

@@ -256,6 +256,10 @@ class StageMethod:
     # model stages: True when the stage needs calibration samples / the uncompressed teacher
     needs_samples: Callable[[StageConfig], bool] = lambda cfg: False
     needs_teacher: Callable[[StageConfig], bool] = lambda cfg: False
+    # True when the method may compress a block's linears group by group, each calibrated on
+    # the outputs of the already-compressed linears before it (slimformer.engine.sequential):
+    # apply() must use only the observers' statistics of the targets it is handed
+    sequential: Callable[[StageConfig], bool] = lambda cfg: False
 
     @property
     def model_level(self) -> bool:

@@ -73,6 +73,26 @@ class Observer:
             raise SlimformerError(f"observer '{self.name}' saw no inputs (was calibration run?)")
 
 
+GRAM_BLOCK = 128
+
+
+def gram_add_(H: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``H += xᵀx`` for a symmetric ``H`` ([in, in]; ``x`` [tokens, in]), computing only the
+    block rows of the upper triangle (one GEMM per block row of ``GRAM_BLOCK``) and mirroring
+    them: ~0.65x the arithmetic of one full GEMM for 1536 columns. ``H`` must be symmetric
+    on entry (it is: a sum of such updates)."""
+    n = x.shape[1]
+    if n <= 2 * GRAM_BLOCK:
+        return H.addmm_(x.t(), x)
+    for i in range(0, n, GRAM_BLOCK):
+        j = min(i + GRAM_BLOCK, n)
+        H[i:j, i:].addmm_(x[:, i:j].t(), x[:, i:])
+    for i in range(0, n, GRAM_BLOCK):
+        j = min(i + GRAM_BLOCK, n)
+        H[j:, i:j] = H[i:j, j:].t()
+    return H
+
+
 class HessianObserver(Observer):
     """``H = 2/n Σ_t x_t x_tᵀ`` as a running mean: ``H ← H·n/(n+m) + 2/(n+m)·XᵀX``."""
 
@@ -88,7 +108,7 @@ class HessianObserver(Observer):
             self.H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
         self.H.mul_(n / (n + m))
         xs = x * (2.0 / (n + m)) ** 0.5  # fold the scale into X so XᵀX needs no extra pass
-        self.H.addmm_(xs.t(), xs)
+        gram_add_(self.H, xs)
 
     def result(self) -> torch.Tensor:
         self._check_seen()
@@ -241,5 +261,5 @@ def attach(modules: dict[str, nn.Module], kinds: dict[str, tuple[str, ...]],
         s.remove()
 
 
-__all__ = ["Observer", "HessianObserver", "ChannelNormObserver", "AbsMeanObserver", "MinMaxObserver",
+__all__ = ["gram_add_", "Observer", "HessianObserver", "ChannelNormObserver", "AbsMeanObserver", "MinMaxObserver",
            "OBSERVERS", "ObserverSet", "attach", "flatten_tokens", "make_observer"]

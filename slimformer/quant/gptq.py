@@ -78,7 +78,11 @@ class GPTQConfig(RTNConfig):
     mean; ``actorder``: sweep columns by decreasing ``diag(H)``; ``group_qparams``: ``lazy``
     (a group's scale from the updated weights when the sweep reaches it) or ``static`` (from
     the original weights, llm-compressor's behaviour); ``rtn_guard``: keep RTN's result for
-    every output row where it has the lower Hessian-weighted error.
+    every output row where it has the lower Hessian-weighted error; ``true_sequential``:
+    calibrate each linear of a block on the outputs of the linears before it *after* they
+    were quantized (q/k/v, then o, then gate/up, then down), in one forward per block instead
+    of two (:mod:`slimformer.engine.sequential`; blocks without a staged form use the
+    generic pass, where every linear sees the original block's activations).
     """
 
     METHOD: ClassVar[str] = "gptq"
@@ -89,6 +93,7 @@ class GPTQConfig(RTNConfig):
     actorder: bool = False
     group_qparams: str = "lazy"
     rtn_guard: bool = True
+    true_sequential: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -100,6 +105,7 @@ class GPTQConfig(RTNConfig):
         check_bool(self.METHOD, "actorder", self.actorder)
         check_choice(self.METHOD, "group_qparams", self.group_qparams, GROUP_QPARAMS)
         check_bool(self.METHOD, "rtn_guard", self.rtn_guard)
+        check_bool(self.METHOD, "true_sequential", self.true_sequential)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +328,7 @@ def apply_gptq(ctx: BlockContext, cfg: GPTQConfig) -> None:
 register_stage(StageMethod(
     name="gptq", config_cls=GPTQConfig, apply=apply_gptq,
     observers=lambda cfg: ("hessian",),
+    sequential=lambda cfg: cfg.true_sequential,
     about="GPTQ: second-order weight-only quantization (lazy group scales, act-order, RTN guard)"))
 
 __all__ = ["GPTQConfig", "GPTQResult", "gptq_quantize", "hessian_error", "damped_inverse_cholesky",

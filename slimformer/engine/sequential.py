@@ -1,0 +1,234 @@
+"""True-sequential calibration: one forward per block instead of two.
+
+The generic engine pass (:func:`slimformer.engine.runner.run_blocks`) runs every block twice
+on the calibration batches: once with the original weights and observers on every target
+linear, once with the compressed weights to produce the next block's inputs. For a method
+that only needs statistics of each linear's own input (GPTQ: ``XᵀX``), the block can instead
+be walked *sub-layer by sub-layer* over all batches:
+
+==========  ==========================================  ==============================
+group       input observed                              computed from
+==========  ==========================================  ==============================
+q, k, v     ``norm1(h)``                                the block input
+o           the attention output                        compressed q/k/v
+gate, up    ``norm2(h + o(a))``                         compressed o
+down        ``act(gate(n2)) * up(n2)``                  compressed gate/up
+(output)    ``h2 + down(g)`` -> the next block's input  compressed down
+==========  ==========================================  ==============================
+
+Each group is compressed as soon as every batch has shown it its input, so a later linear
+is calibrated on what the compressed linears before it really produce (GPTQ's
+"true-sequential" order), and the same pass yields the next block's inputs: the work is one
+block forward plus the statistics, not two forwards. The intermediate tensors (attention
+output, ``h2``, the MLP product) live in :class:`ActivationCache` objects, so with
+``offload_dir`` they go to disk like the hidden states.
+
+This needs the block's internals, which the generic pass never does: :class:`StagedBlock`
+covers the pre-norm, rotary, (grouped-query) attention, gated-MLP family of the registry
+(``llama``: Llama, Mistral, Qwen2), built from the :class:`~slimformer.models.registry.
+ArchSpec` paths. Anything else (fused qkv, q/k norms, a non-gated MLP, no rotary tables in
+the captured block arguments) has no staged form and uses the generic pass. Before a block
+is touched, its staged forward is checked against the block's own forward on one calibration
+sequence; a mismatch falls back to the generic pass for that block (logged).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimformer.engine.activations import ActivationCache
+from slimformer.models.registry import get_module
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("qkv", "o", "gate_up", "down")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def dense_linear(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> m(x)`` as one fp32 GEMM: an ``nn.Linear`` as is, a compressed linear through its
+    dequantized weight (computed once), anything else by calling the module."""
+    if type(m) is nn.Linear:
+        return lambda x: F.linear(x, m.weight, m.bias)
+    deq = getattr(m, "dequantized_weight", None)
+    if deq is not None:
+        w = deq().to(torch.float32)
+        b = getattr(m, "bias", None)
+        return lambda x: F.linear(x, w, b)
+    return m
+
+
+@dataclass
+class StagedBlock:
+    """A pre-norm rotary decoder block with a gated MLP, cut at the inputs of its linears."""
+
+    block: nn.Module
+    rel: dict[str, str]  # role (q, k, v, o, gate, up, down) -> block-relative path
+    norm1: nn.Module
+    norm2: nn.Module
+    act: Callable[[torch.Tensor], torch.Tensor]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+
+    @classmethod
+    def build(cls, block: nn.Module, arch, config, kwargs: dict) -> Optional["StagedBlock"]:
+        """The staged form of ``block`` or None when it is not of the supported shape
+        (``kwargs``: the captured keyword arguments of the block's calls)."""
+        a, m = arch.attention, arch.mlp
+        if arch.kind != "causal-lm" or a.fused_qkv or not (a.q and a.k and a.v) or m.gate is None:
+            return None
+        if len(arch.norms) != 2 or "position_embeddings" not in kwargs:
+            return None
+        try:
+            attn = get_module(block, a.o.rsplit(".", 1)[0])
+            mlp = get_module(block, m.up.rsplit(".", 1)[0])
+            norms = [get_module(block, p) for p in arch.norms]
+        except AttributeError:
+            return None
+        if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
+            return None
+        act = getattr(mlp, "act_fn", None)
+        if act is None or getattr(attn, "scaling", None) is None:
+            return None
+        layout = arch.head_layout(config)
+        return cls(block=block, rel={"q": a.q, "k": a.k, "v": a.v, "o": a.o, "gate": m.gate,
+                                     "up": m.up, "down": m.down},
+                   norm1=norms[0], norm2=norms[1], act=act, heads=layout["num_heads"],
+                   kv_heads=layout["num_kv_heads"], head_dim=layout["head_dim"],
+                   scaling=float(attn.scaling))
+
+    def linear(self, role: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return dense_linear(get_module(self.block, self.rel[role]))
+
+    def members(self, group: str) -> tuple[str, ...]:
+        """Block-relative paths of the linears that read a group's input."""
+        roles = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}[group]
+        return tuple(self.rel[r] for r in roles)
+
+    # ---- the pieces of the forward ---------------------------------------------------
+    def attention(self, n1: torch.Tensor, kwargs: dict, lin: dict) -> torch.Tensor:
+        """The input of o: softmax(q kᵀ) v over heads, [B, T, heads * head_dim]."""
+        B, T, _ = n1.shape
+        q = lin["q"](n1).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = lin["k"](n1).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = lin["v"](n1).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        rep = self.heads // self.kv_heads
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., :T], scale=self.scaling)
+        return o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
+
+    def forward(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The whole block (for the self-check)."""
+        lin = {r: self.linear(r) for r in self.rel}
+        h2 = h + lin["o"](self.attention(self.norm1(h), kwargs, lin))
+        n2 = self.norm2(h2)
+        return h2 + lin["down"](self.act(lin["gate"](n2)) * lin["up"](n2))
+
+
+def staged_matches(staged: StagedBlock, block_forward: Callable[[torch.Tensor], torch.Tensor],
+                   h: torch.Tensor, kwargs: dict) -> bool:
+    """Does the staged forward reproduce the block's own forward on ``h`` (float rounding)?"""
+    with torch.no_grad():
+        ref = block_forward(h)
+        got = staged.forward(h, kwargs)
+    if ref.shape != got.shape:
+        return False
+    err = float((ref.float() - got.float()).abs().max())
+    scale = float(ref.float().abs().max()) or 1.0
+    return err <= 1e-4 * scale
+
+
+def run_sequential(staged: StagedBlock, states: ActivationCache, kwargs_of: list[dict],
+                   compress_group: Callable[[tuple[str, ...]], None],
+                   observe: Callable[[tuple[str, ...]], Optional[Callable[[torch.Tensor], None]]],
+                   offload_dir, need_outputs: bool) -> Optional[ActivationCache]:
+    """Walk the block group by group over all batches (see the module docstring).
+
+    ``observe(members)`` returns a function fed every batch's input of that group, or None
+    when no member is a target; ``compress_group(members)`` is called once all batches were
+    observed. Returns the block outputs (the next block's inputs) when ``need_outputs``.
+    """
+    caches: list[ActivationCache] = []
+
+    def cache() -> ActivationCache:
+        c = ActivationCache(offload_dir)
+        caches.append(c)
+        return c
+
+    def step(group: str) -> Optional[Callable[[torch.Tensor], None]]:
+        return observe(staged.members(group))
+
+    def done(group: str, fed: Optional[Callable]) -> None:
+        if fed is not None:  # some member is a target: every batch has been observed
+            compress_group(staged.members(group))
+
+    try:
+        # q, k, v: their input is norm1(h), cheap to recompute in the next pass
+        fed = step("qkv")
+        if fed is not None:
+            for h in states:
+                fed(staged.norm1(h))
+        done("qkv", fed)
+        # o: the attention output through the (compressed) q, k, v
+        lin = {r: staged.linear(r) for r in ("q", "k", "v")}
+        fed, att = step("o"), cache()
+        for h, kw in zip(states, kwargs_of):
+            a = staged.attention(staged.norm1(h), kw, lin)
+            if fed is not None:
+                fed(a)
+            att.append(a)
+        done("o", fed)
+        # gate, up: norm2 of the residual after the (compressed) o
+        o_lin = staged.linear("o")
+        fed, res = step("gate_up"), cache()
+        for h, a in zip(states, att):
+            h2 = h + o_lin(a)
+            if fed is not None:
+                fed(staged.norm2(h2))
+            res.append(h2)
+        att.close()
+        done("gate_up", fed)
+        # down: the gated product through the (compressed) gate and up
+        g_lin, u_lin = staged.linear("gate"), staged.linear("up")
+        fed, prod = step("down"), cache()
+        for h2 in res:
+            n2 = staged.norm2(h2)
+            g = staged.act(g_lin(n2)) * u_lin(n2)
+            if fed is not None:
+                fed(g)
+            prod.append(g)
+        done("down", fed)
+        if not need_outputs:
+            return None
+        d_lin = staged.linear("down")
+        out = ActivationCache(offload_dir)
+        for h2, g in zip(res, prod):
+            out.append(h2 + d_lin(g))
+        return out
+    finally:
+        for c in caches:
+            c.close()
+
+
+__all__ = ["StagedBlock", "dense_linear", "run_sequential", "staged_matches", "GROUPS"]
