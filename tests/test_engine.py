@@ -113,6 +113,29 @@ def test_offloaded_activations_match(tmp_path):
     assert not any(p.name.startswith("acts-") for p in tmp_path.iterdir())
 
 
+def test_offload_writes_in_background_reads_back_and_reports_failures(tmp_path, monkeypatch):
+    from slimformer.engine import activations
+
+    c = ActivationCache(tmp_path)
+    xs = [torch.randn(3, 5) * i for i in range(7)]  # more than MAX_PENDING writes in flight
+    for x in xs:
+        c.append(x)
+    assert len(c) == 7 and all(torch.equal(a, b) for a, b in zip(c, xs))
+    assert c.nbytes() > 0
+    c.close()
+    assert not any(tmp_path.iterdir())
+
+    def broken(*a, **k):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(activations.torch, "save", broken)
+    c = ActivationCache(tmp_path)
+    c.append(torch.ones(2))
+    with pytest.raises(OSError, match="No space"):
+        c[0]
+    c.close()
+
+
 def test_batch_size_does_not_change_statistics():
     lm = tiny_model("llama")
     x = _inputs(lm, n=6)
