@@ -54,16 +54,40 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def dense_linear(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> m(x)`` as one fp32 GEMM: an ``nn.Linear`` as is, a compressed linear through its
-    dequantized weight (computed once), anything else by calling the module."""
+def dense_weights(m: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """``(weight [out, in], bias)`` of an ``nn.Linear`` or the dequantized weight of a
+    compressed linear; None for anything else."""
     if type(m) is nn.Linear:
-        return lambda x: F.linear(x, m.weight, m.bias)
+        return m.weight, m.bias
     deq = getattr(m, "dequantized_weight", None)
     if deq is not None:
-        w = deq().to(torch.float32)
-        b = getattr(m, "bias", None)
+        return deq().to(torch.float32), getattr(m, "bias", None)
+    return None
+
+
+def dense_linear(*mods: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> m(x)`` for each module as ONE fp32 GEMM (the outputs concatenated when several
+    modules read the same input, e.g. q/k/v); a module with no dense form is called as is."""
+    wb = [dense_weights(m) for m in mods]
+    if any(p is None for p in wb):
+        return lambda x: torch.cat([m(x) for m in mods], dim=-1) if len(mods) > 1 else mods[0](x)
+    if len(wb) == 1:
+        w, b = wb[0]
         return lambda x: F.linear(x, w, b)
+    w = torch.cat([p[0] for p in wb])
+    b = None if all(p[1] is None for p in wb) else torch.cat(
+        [p[1] if p[1] is not None else p[0].new_zeros(p[0].shape[0]) for p in wb])
+    return lambda x: F.linear(x, w, b)
+
+
+def fast_norm(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A Llama-style RMSNorm (``weight * x / rms(x)``) as PyTorch's fused ``rms_norm`` (one
+    kernel instead of five; the same numbers here) — other norms are called as they are. A
+    norm of another form that only looks like this one fails the staged self-check."""
+    w, eps = getattr(m, "weight", None), getattr(m, "variance_epsilon", None)
+    if (type(m).__name__.endswith("RMSNorm") and isinstance(w, torch.Tensor) and w.dim() == 1
+            and isinstance(eps, float)):
+        return lambda x: F.rms_norm(x, (x.shape[-1],), w, eps)
     return m
 
 
@@ -104,12 +128,13 @@ class StagedBlock:
         layout = arch.head_layout(config)
         return cls(block=block, rel={"q": a.q, "k": a.k, "v": a.v, "o": a.o, "gate": m.gate,
                                      "up": m.up, "down": m.down},
-                   norm1=norms[0], norm2=norms[1], act=act, heads=layout["num_heads"],
+                   norm1=fast_norm(norms[0]), norm2=fast_norm(norms[1]), act=act, heads=layout["num_heads"],
                    kv_heads=layout["num_kv_heads"], head_dim=layout["head_dim"],
                    scaling=float(attn.scaling))
 
-    def linear(self, role: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        return dense_linear(get_module(self.block, self.rel[role]))
+    def linear(self, *roles: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The linears of ``roles`` (same input) as one GEMM, outputs concatenated."""
+        return dense_linear(*(get_module(self.block, self.rel[r]) for r in roles))
 
     def members(self, group: str) -> tuple[str, ...]:
         """Block-relative paths of the linears that read a group's input."""
@@ -117,33 +142,33 @@ class StagedBlock:
         return tuple(self.rel[r] for r in roles)
 
     # ---- the pieces of the forward ---------------------------------------------------
-    def attention(self, n1: torch.Tensor, kwargs: dict, lin: dict) -> torch.Tensor:
-        """The input of o: softmax(q kᵀ) v over heads, [B, T, heads * head_dim]."""
+    def attention(self, n1: torch.Tensor, kwargs: dict, qkv: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The input of o: softmax(q kᵀ) v over heads, [B, T, heads * head_dim]; ``qkv`` maps
+        ``n1`` to q, k and v concatenated (:meth:`linear` of q, k, v)."""
         B, T, _ = n1.shape
-        q = lin["q"](n1).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = lin["k"](n1).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = lin["v"](n1).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        hd, kv = self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = qkv(n1).split([self.heads * hd, kv, kv], dim=-1)
+        q = q.view(B, T, self.heads, hd).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, hd).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, hd).transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        rep = self.heads // self.kv_heads
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        gqa = self.heads != self.kv_heads  # K/V heads shared by query groups, without copies
         mask = kwargs.get("attention_mask")
         if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=gqa)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., :T], scale=self.scaling)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., :T], scale=self.scaling,
+                                               enable_gqa=gqa)
         return o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
 
     def forward(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """The whole block (for the self-check)."""
-        lin = {r: self.linear(r) for r in self.rel}
-        h2 = h + lin["o"](self.attention(self.norm1(h), kwargs, lin))
+        h2 = h + self.linear("o")(self.attention(self.norm1(h), kwargs, self.linear("q", "k", "v")))
         n2 = self.norm2(h2)
-        return h2 + lin["down"](self.act(lin["gate"](n2)) * lin["up"](n2))
+        return h2 + self.linear("down")(self.act(self.linear("gate")(n2)) * self.linear("up")(n2))
 
 
 def staged_matches(staged: StagedBlock, block_forward: Callable[[torch.Tensor], torch.Tensor],
@@ -191,10 +216,10 @@ def run_sequential(staged: StagedBlock, states: ActivationCache, kwargs_of: list
                 fed(staged.norm1(h))
         done("qkv", fed)
         # o: the attention output through the (compressed) q, k, v
-        lin = {r: staged.linear(r) for r in ("q", "k", "v")}
+        qkv = staged.linear("q", "k", "v")
         fed, att = step("o"), cache()
         for h, kw in zip(states, kwargs_of):
-            a = staged.attention(staged.norm1(h), kw, lin)
+            a = staged.attention(staged.norm1(h), kw, qkv)
             if fed is not None:
                 fed(a)
             att.append(a)
@@ -231,4 +256,4 @@ def run_sequential(staged: StagedBlock, states: ActivationCache, kwargs_of: list
             c.close()
 
 
-__all__ = ["StagedBlock", "dense_linear", "run_sequential", "staged_matches", "GROUPS"]
+__all__ = ["StagedBlock", "dense_linear", "dense_weights", "fast_norm", "run_sequential", "staged_matches", "GROUPS"]
