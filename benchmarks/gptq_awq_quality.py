@@ -10,6 +10,7 @@ per-block GPTQ summary (Hessian-weighted error vs RTN, rows the guard kept from 
     python benchmarks/gptq_awq_quality.py --run gptq-w4-g64 --run w4-g64
     python benchmarks/gptq_awq_quality.py --run gptq-w4-g64@wikitext2 --run gptq-w4-g64@sst2
     python benchmarks/gptq_awq_quality.py --samples 8 --windows 2 --run w4-g64 --run gptq-w4-g64
+    python benchmarks/gptq_awq_quality.py --threads 1 --offload --stream --run gptq-w4-g64
 
 A run is RECIPE[@SOURCE] (default source wikitext2, the protocol). Quality-only runs: no CPU
 lock needed (nice -n 19); wall times from such runs are not comparable.
@@ -34,16 +35,29 @@ from slimformer.compress import CalibrationConfig
 from slimformer.data import wikitext2_test_text
 from slimformer.eval.ppl import perplexity
 recipe, source, windows, model, samples = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-threads, offload = int(sys.argv[6]), sys.argv[7] == "1"
+threads, offload, stream = int(sys.argv[6]), sys.argv[7] == "1", sys.argv[8] == "1"
 if threads:
     torch.set_num_threads(threads)
-lm = slimformer.load(model)
-t = time.perf_counter()
-q = slimformer.compress(lm, recipe, calibration=CalibrationConfig(source=source, samples=samples, offload=offload), progress=False)
-wall = time.perf_counter() - t
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+cal = CalibrationConfig(source=source, samples=samples, offload=offload)
+if stream:  # weights read block by block from safetensors, each compressed block written out
+    import tempfile
+    out = tempfile.mkdtemp(prefix="gptq-stream-") + "/model"
+    t = time.perf_counter()
+    slimformer.compress(model, recipe, out_dir=out, calibration=cal, stream=True, reload=False, progress=False)
+    wall = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    q = slimformer.load(out)
+else:
+    lm = slimformer.load(model)
+    t = time.perf_counter()
+    q = slimformer.compress(lm, recipe, calibration=cal, progress=False)
+    wall = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 ids = torch.tensor(q.tokenizer(wikitext2_test_text(), add_special_tokens=False).input_ids)
 ppl = perplexity(q.model, ids, window=2048, max_windows=windows)["ppl"]
+if stream:
+    import shutil
+    shutil.rmtree(out.rsplit("/", 1)[0], ignore_errors=True)
 print(json.dumps({"ppl": ppl, "wall_s": wall, "peak_rss_mb": rss}))
 """
 
@@ -51,9 +65,9 @@ SUMMARY = re.compile(r"gptq \S+: Hessian-weighted error (\S+) vs RTN (\S+) \(\S+
 
 
 def run_one(recipe: str, source: str, windows: int, model: str, samples: int = 128,
-            threads: int = 0, offload: bool = False) -> dict:
+            threads: int = 0, offload: bool = False, stream: bool = False) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, recipe, source, str(windows), model, str(samples),
-                          str(threads), "1" if offload else "0"],
+                          str(threads), "1" if offload else "0", "1" if stream else "0"],
                          capture_output=True, text=True)
     if out.returncode != 0:
         return {"ppl": None, "error": (out.stderr.strip().splitlines() or ["?"])[-1][:200]}
@@ -77,14 +91,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the child (0 = torch's default)")
     ap.add_argument("--offload", action="store_true",
                     help="keep the calibration activations between blocks on disk (lower peak RSS)")
+    ap.add_argument("--stream", action="store_true",
+                    help="stream the weights from safetensors block by block and write each compressed "
+                         "block out (slimformer compress --stream); wall time and peak RSS include that")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     rows = []
     for spec in a.run:
         recipe, _, source = spec.partition("@")
-        r = run_one(recipe, source or "wikitext2", a.windows, a.model, a.samples, a.threads, a.offload)
+        r = run_one(recipe, source or "wikitext2", a.windows, a.model, a.samples, a.threads, a.offload,
+                    a.stream)
         r.update(recipe=recipe, source=source or "wikitext2", samples=a.samples, windows=a.windows,
-                 threads=a.threads, offload=a.offload)
+                 threads=a.threads, offload=a.offload, stream=a.stream)
         rows.append(r)
         print(f"done {spec}: {r}", file=sys.stderr, flush=True)
     base = rows[0].get("ppl")
