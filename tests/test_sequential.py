@@ -38,6 +38,12 @@ def test_gram_add_blocked_equals_full_product():
         ref = h0 + x.t() @ x
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-4)
         assert torch.equal(got, got.t())
+        # the observer's running mean over uneven batches, lower triangle filled on result()
+        obs = HessianObserver()
+        for part in x.split([100, 57, 100]):
+            obs.observe(part)
+        h = obs.result()
+        assert torch.allclose(h, 2 * x.t() @ x / x.shape[0], rtol=1e-5, atol=1e-5) and torch.equal(h, h.t())
 
 
 def test_staged_block_reproduces_every_llama_block():
