@@ -259,10 +259,9 @@ def run_blocks(lm, stages: Sequence[StageConfig], samples: Optional[torch.Tensor
             need_out = propagate and (i + 1 < len(blocks) or keep_outputs)
             seq = _sequential(lm, i, name, block, planned, states, rest, options, need_out) \
                 if states is not None else False
-            if seq is not False:  # compressed and (if asked) propagated in one staged pass
-                if states is not None and need_out:
-                    states.close()
-                    states = seq
+            if seq is not False and need_out:  # compressed and propagated in one staged pass
+                states.close()
+                states = seq
             for plan, method in (planned if seq is False else ()):
                 targets = plan.in_block(name)
                 if not targets:
@@ -311,7 +310,7 @@ def _sequential(lm, index: int, name: str, block: nn.Module, planned, states: Ac
     config allow it, and the block has a staged form that reproduces its forward. Returns
     False when it does not apply (the generic pass runs), else the next block's inputs (None
     when ``need_out`` is False)."""
-    from slimformer.engine.sequential import StagedBlock, run_sequential, staged_matches
+    from slimformer.engine.sequential import GROUPS, StagedBlock, run_sequential, staged_matches
     from slimformer.observers import make_observer
 
     active = [(p, m, p.in_block(name)) for p, m in planned if p.in_block(name)]
@@ -329,6 +328,8 @@ def _sequential(lm, index: int, name: str, block: nn.Module, planned, states: Ac
             log.info("%s: no staged form of this block; %s calibrates with the generic two-forward pass",
                      name, method.name)
         return False
+    if set(targets) - {rel for g in GROUPS for rel in staged.members(g)}:
+        return False  # a target the staged walk does not reach (a linear outside q..down)
     h0, kw0 = states[0][:1], dict(kwargs_of[0])
     mask = kw0.get("attention_mask")
     if mask is not None and mask.dim() > 0 and mask.shape[0] > 1:
@@ -357,9 +358,6 @@ def _sequential(lm, index: int, name: str, block: nn.Module, planned, states: Ac
                            targets=group, stats={rel: res for rel in group})
         method.apply(ctx, plan.config)
 
-    missing = set(targets) - {rel for g in ("qkv", "o", "gate_up", "down") for rel in staged.members(g)}
-    if missing:  # a target the staged walk does not reach (e.g. a linear outside q..down)
-        return False
     return run_sequential(staged, states, kwargs_of, compress_group, observe, options.offload_dir, need_out)
 
 
