@@ -26,19 +26,9 @@ from slimformer.decoding.cache import (StaticKVCache, StepLayout, advance, stati
 from slimformer.errors import SlimformerError
 from slimformer.formats.linear import few_token_linear
 from slimformer.models.registry import get_module
+from slimformer.primitives.rotary import apply_rotary
 
 log = logging.getLogger(__name__)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """[x1, x2] -> [-x2, x1] on the last dim (the rotary convention of Llama checkpoints)."""
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, q, D]; cos, sin: [B, q, D]."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
 @dataclass

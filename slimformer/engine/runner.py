@@ -313,7 +313,7 @@ def _sequential(lm, index: int, name: str, block: nn.Module, planned, states: Ac
     from slimformer.engine.sequential import GROUPS, StagedBlock, run_sequential, staged_matches
     from slimformer.observers import make_observer
 
-    active = [(p, m, p.in_block(name)) for p, m in planned if p.in_block(name)]
+    active = [(p, m, t) for p, m in planned if (t := p.in_block(name))]
     if len(active) != 1:
         return False
     plan, method, targets = active[0]
@@ -342,12 +342,10 @@ def _sequential(lm, index: int, name: str, block: nn.Module, planned, states: Ac
     observers: dict[tuple[str, ...], dict] = {}
 
     def observe(members: tuple[str, ...]):
-        kinds: list[str] = []
-        for rel in members:
-            if rel in targets:
-                kinds += [k for k in method.observers(targets[rel]) if k not in kinds]
-        if not any(rel in targets for rel in members):
+        mine = [rel for rel in members if rel in targets]
+        if not mine:
             return None
+        kinds = list(dict.fromkeys(k for rel in mine for k in method.observers(targets[rel])))
         obs = observers[members] = {k: make_observer(k) for k in kinds}
         return lambda x: [o.observe(x) for o in obs.values()]
 

@@ -43,15 +43,11 @@ import torch.nn.functional as F
 
 from slimformer.engine.activations import ActivationCache
 from slimformer.models.registry import get_module
+from slimformer.primitives.rotary import apply_rotary
 
 log = logging.getLogger(__name__)
 
 GROUPS = ("qkv", "o", "gate_up", "down")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
 def dense_weights(m: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -152,9 +148,7 @@ class StagedBlock:
         k = k.view(B, T, self.kv_heads, hd).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, hd).transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.heads != self.kv_heads  # K/V heads shared by query groups, without copies
         mask = kwargs.get("attention_mask")
         if mask is None:

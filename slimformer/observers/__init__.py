@@ -84,12 +84,12 @@ def gram_add_(H: torch.Tensor, x: torch.Tensor, beta: float = 1.0, alpha: float 
     the lower one afterwards (else only the upper block triangle is current; see
     :func:`mirror_upper_`)."""
     n = x.shape[1]
-    if n <= 2 * GRAM_BLOCK:
+    if n <= 2 * GRAM_BLOCK:  # too small for the split to pay
         H.addmm_(x.t(), x, beta=beta, alpha=alpha)
-        return mirror_upper_(H) if mirror else H
-    for i in range(0, n, GRAM_BLOCK):
-        j = min(i + GRAM_BLOCK, n)
-        H[i:j, i:].addmm_(x[:, i:j].t(), x[:, i:], beta=beta, alpha=alpha)
+    else:
+        for i in range(0, n, GRAM_BLOCK):
+            j = min(i + GRAM_BLOCK, n)
+            H[i:j, i:].addmm_(x[:, i:j].t(), x[:, i:], beta=beta, alpha=alpha)
     return mirror_upper_(H) if mirror else H
 
 
