@@ -452,8 +452,8 @@ def test_smollm2_half_depth_student_saves_reloads_and_one_kd_step_lowers_the_kd_
     out = save_student(s, tmp_path / "s15")
     with torch.no_grad():
         assert torch.allclose(slimformer.load(out).model(input_ids=x).logits, ref, atol=1e-4)
-        hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-        assert torch.allclose(hf(input_ids=x).logits, ref, atol=1e-4)
+        hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # SDPA, not our kernel
+        assert torch.allclose(hf(input_ids=x).logits, ref, atol=1e-3)
     before = float(forward_kl(ref, t_logits))
     train(s.model, x, TrainConfig(steps=2, lr=1e-4, batch_size=2, seq_len=64, progress=False), loss="kd",
           teacher=smollm2.model)

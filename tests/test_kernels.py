@@ -1,11 +1,13 @@
-"""slimformer's own C++ CPU kernels (few-token int4 and fp32 linears): exact sums against a
-float64 reference on awkward shapes, the routes that use them, and the fallback without them."""
+"""slimformer's own C++ CPU kernels (few-token int4 and fp32 linears, the W8A8 linear, causal
+prefill attention): exact sums against references on awkward shapes, the routes that use them,
+and the fallback without them."""
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
+import slimformer
 import slimformer.formats.linear as linear_mod
 from slimformer.decoding import CausalRunner, generate
 from slimformer.formats import QuantLinear
@@ -178,3 +180,194 @@ def test_cached_kernel_arguments_follow_new_weights():
         assert torch.equal(a(x), b(x))
         c = copy.deepcopy(b).float()  # _apply: the cache is rebuilt for the new tensors
         assert torch.equal(c(x), b(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# W8A8 linear: per-token quantization + int8 GEMM + rescale in one call
+# ---------------------------------------------------------------------------------------------
+def _int8_layer(n, k, seed=0):
+    from slimformer.formats.linear import Int8Linear
+
+    torch.manual_seed(seed)
+    w = torch.randn(n, k) * 0.05
+    b = torch.randn(n) * 0.1
+    return w, b, Int8Linear, quantize(w, QuantSpec(bits=8, symmetric=True, granularity="channel"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("m,k,n", [(1, 576, 192), (3, 577, 100), (64, 96, 33), (17, 1536, 61)])
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_kernel_is_bit_identical_to_the_pytorch_steps(monkeypatch, m, k, n, static):
+    """The kernel computes the same codes (round-half-even of x / s, s = absmax / 127 per token,
+    clipped to the static range) and the same two float roundings when rescaling."""
+    w, b, Int8Linear, qt = _int8_layer(n, k, seed=m + k)
+    lin = Int8Linear.from_quantized(qt, b, act_scale=0.02 if static else None, backend="int_mm")
+    x = torch.randn(m, k) * 2
+    x[:, 3] *= 40  # an outlier channel sets every token's scale
+    if m > 2:
+        x[1] = 0.0  # an all-zero token: floored scale, zero codes
+    with torch.inference_mode():
+        with torch.profiler.profile() as prof:
+            fast = lin(x)
+        monkeypatch.setattr(linear_mod, "cpu_kernels", lambda: None)
+        slow = lin(x)
+    assert "aten::_int_mm" in {e.name for e in prof.events()}  # a true int8 GEMM
+    assert torch.equal(fast, slow)
+    # against float64: the same codes, multiplied and rescaled without rounding
+    lim = 127 * 0.02 if static else float("inf")
+    xc = x.double().clamp(-lim, lim)
+    s = xc.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+    xq = torch.round(xc / s).clamp(-127, 127) * s
+    ref = xq @ (qt.codes.double() * qt.scale.double()).t() + b.double()
+    assert _rel_err(fast, ref) < 1e-5
+
+
+@needs_kernels
+def test_w8a8_kernel_rejects_bad_shapes():
+    w = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+    s = torch.ones(8)
+    with pytest.raises(RuntimeError, match="K mismatch"):
+        K.w8a8_linear(torch.randn(2, 15), w, s, None, None)
+    with pytest.raises(RuntimeError, match="int8"):
+        K.w8a8_linear(torch.randn(2, 16), w.float(), s, None, None)
+    with pytest.raises(RuntimeError, match="one entry per output row"):
+        K.w8a8_linear(torch.randn(2, 16), w, torch.ones(7), None, None)
+
+
+def test_int8_linear_default_backend_is_the_kernel_when_it_builds():
+    from slimformer.formats.linear import default_int8_backend
+
+    assert default_int8_backend() == ("int_mm" if K is not None else default_int8_backend())
+    if K is not None:
+        _, b, Int8Linear, qt = _int8_layer(16, 32)
+        lin = Int8Linear.from_quantized(qt, b)
+        assert lin.backend == "int_mm" and lin.weight_int8.dtype == torch.int8
+
+
+# ---------------------------------------------------------------------------------------------
+# causal prefill attention
+# ---------------------------------------------------------------------------------------------
+def _qkv(b, h, hk, n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, n, h, d, generator=g).transpose(1, 2)  # the strided view attention modules pass
+    return q, torch.randn(b, hk, n, d, generator=g), torch.randn(b, hk, n, d, generator=g)
+
+
+def _sdpa(q, k, v, scale):
+    g = q.shape[1] // k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=True, scale=scale)
+    return out.transpose(1, 2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,h,hk,n,d", [
+    (1, 9, 3, 512, 64),   # SmolLM2's prefill square
+    (2, 6, 2, 70, 16),    # row blocks and key tiles with tails
+    (1, 4, 4, 33, 80),    # no GQA; head dim of one 64-wide and one 16-wide chunk
+    (1, 2, 1, 5, 128),    # fewer rows than a register block
+    (3, 1, 1, 2, 32),
+])
+def test_causal_attention_kernel_matches_sdpa(b, h, hk, n, d):
+    q, k, v = _qkv(b, h, hk, n, d, seed=n + d)
+    out = K.causal_attention(q, k, v, d ** -0.5)
+    assert out.shape == (b, n, h, d) and out.is_contiguous()
+    torch.testing.assert_close(out, _sdpa(q, k, v, d ** -0.5), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_causal_attention_kernel_never_reads_future_keys():
+    q, k, v = _qkv(1, 4, 2, 40, 16)
+    out = K.causal_attention(q, k, v, 0.25)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 20:] += 100.0
+    v2[:, :, 20:] -= 50.0
+    out2 = K.causal_attention(q, k2, v2, 0.25)
+    assert torch.equal(out[:, :20], out2[:, :20])
+    assert not torch.allclose(out[:, 20:], out2[:, 20:])
+
+
+@needs_kernels
+def test_causal_attention_kernel_rejects_bad_shapes():
+    q, k, v = _qkv(1, 6, 4, 8, 16)
+    with pytest.raises(RuntimeError, match="evenly"):
+        K.causal_attention(q, k, v, 0.25)
+    q, k, v = _qkv(1, 4, 2, 8, 16)
+    with pytest.raises(RuntimeError, match="square"):
+        K.causal_attention(q, k[:, :, :4], v[:, :, :4], 0.25)
+    q, k, v = _qkv(1, 4, 2, 8, 24)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        K.causal_attention(q, k, v, 0.25)
+
+
+def test_installed_attention_matches_sdpa_and_falls_back_where_it_must():
+    """On a model: an unpadded prompt takes the kernel (logits as SDPA's to float rounding);
+    a padded batch, cached decode steps and training take SDPA, with SDPA's exact numbers."""
+    from slimformer.kernels import attention as attn
+
+    lm = tiny_model("llama")
+    assert attn.installed(lm.model)  # tiny models get it as loaded ones do
+    ref = copy.deepcopy(lm.model)
+    ref.config._attn_implementation = "sdpa"
+    assert attn.install(lm.model) and not attn.installed(ref)
+    calls = []
+    real = attn.cpu_kernels
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(real(), name)
+            if name == "causal_attention":
+                return lambda *a: calls.append(a[0].shape) or fn(*a)
+            return fn
+
+    ids = torch.randint(0, 200, (2, 37))
+    with torch.inference_mode():
+        attn.cpu_kernels = (lambda: Spy()) if real() is not None else real
+        try:
+            got = lm.model(ids).logits
+            n_prefill = len(calls)
+            mask = torch.ones_like(ids)
+            mask[0, :5] = 0  # left padding: a mask, so SDPA
+            padded, padded_ref = lm.model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+            n_after_padded = len(calls)
+            out = lm.model(ids[:, :30], use_cache=True)
+            step = lm.model(ids[:, 30:31], past_key_values=out.past_key_values, use_cache=True).logits
+            n_after_decode = len(calls)
+        finally:
+            attn.cpu_kernels = real
+        want = ref(ids).logits
+        ref_out = ref(ids[:, :30], use_cache=True)
+        step_ref = ref(ids[:, 30:31], past_key_values=ref_out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(padded, padded_ref)
+    torch.testing.assert_close(step, step_ref, rtol=1e-4, atol=1e-4)
+    if K is not None:
+        assert n_prefill == lm.model.config.num_hidden_layers  # one kernel call per layer
+        assert n_after_padded == n_prefill  # the padded batch did not use it
+        assert n_after_decode == n_prefill + lm.model.config.num_hidden_layers  # the 30-token prefill did
+    # training: autograd needs SDPA's backward
+    lm.model.train()
+    loss = lm.model(ids, labels=ids).loss
+    loss.backward()
+    assert lm.model.model.embed_tokens.weight.grad is not None
+
+
+def test_loaded_causal_lms_get_the_attention_and_saved_configs_stay_plain(tmp_path):
+    """slimformer.load installs the kernel on causal LMs (baselines too); a folder saved from
+    such a model names no slimformer attention, so plain transformers still loads it."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from slimformer.kernels import attention as attn
+
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(tmp_path / "hf")
+    loaded = slimformer.load(tmp_path / "hf")
+    assert attn.installed(loaded.model)
+    loaded.model.save_pretrained(tmp_path / "again")
+    assert attn.NAME not in json.dumps(json.loads((tmp_path / "again" / "config.json").read_text()))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "again", local_files_only=True)
+    ids = torch.randint(0, 200, (1, 20))
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(ids).logits, loaded.model(ids).logits, rtol=1e-4, atol=1e-4)

@@ -236,6 +236,7 @@ def test_uniform_widths_give_a_plain_transformers_folder(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from slimformer.formats import save_compressed
+    from slimformer.kernels.attention import install as install_attention
 
     lm = tiny_model("llama")
     _prune(lm, importance="taylor", heads=2, intermediate=64, layers=2)
@@ -244,6 +245,8 @@ def test_uniform_widths_give_a_plain_transformers_folder(tmp_path):
     save_compressed(lm, tmp_path / "m")
     assert "shapes" not in json.loads((tmp_path / "m" / "slimformer.json").read_text())
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), local_files_only=True).eval()
+    torch.testing.assert_close(_logits(hf, x), ref, rtol=1e-5, atol=1e-5)  # SDPA vs our kernel
+    install_attention(hf)  # the same attention kernel: the same weights give the same logits
     assert torch.equal(_logits(hf, x), ref)
     assert torch.equal(_logits(load(tmp_path / "m").model, x), ref)
 

@@ -1,14 +1,16 @@
 """Native CPU kernels, compiled on first use with the local C++ compiler.
 
 ``cpu_kernels()`` returns the compiled extension module (plain functions, for eager code; the
-same kernels are also registered as ``torch.ops.slimformer.int4_linear`` / ``f32_linear`` for
-``torch.compile``d graphs), or ``None`` (with one warning) when it
-cannot be built -- no compiler, a failed build, or ``SLIMFORMER_NO_KERNELS=1`` -- in which case
+same kernels are also registered as ``torch.ops.slimformer.int4_linear`` / ``f32_linear`` /
+``w8a8_linear`` for ``torch.compile``d graphs), or ``None`` (with one warning) when it cannot
+be built -- no compiler, a failed build, or ``SLIMFORMER_NO_KERNELS=1`` -- in which case
 callers fall back to their pure-PyTorch path, which computes the same result more slowly.
 
 The build is cached by PyTorch under ``$TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``); the first call in a fresh environment compiles for ~30-60 s.
-The source is compiled with ``-march=native``: the cache is per machine.
+The source is compiled with ``-march=native`` (the cache is per machine) and
+``-ffp-contract=off``: the compiler may not fuse a multiply and an add that the source keeps
+apart, so the W8A8 kernel rounds exactly as the PyTorch ops it replaces.
 """
 from __future__ import annotations
 
@@ -28,8 +30,12 @@ _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
 
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+
+
 def _name() -> str:
-    digest = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]  # a new source gets a new build
+    # a new source or new flags get a new build
+    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:10]
     return f"slimformer_cpu_kernels_{digest}"
 
 
@@ -51,7 +57,7 @@ def cpu_kernels() -> Optional[ModuleType]:
             from torch.utils.cpp_extension import load
             log.info("compiling slimformer CPU kernels (first use only)")
             module = load(name=_name(), sources=[str(SOURCE)],
-                          extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                          extra_cflags=CFLAGS,
                           extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, build error: fall back, say so once
             warnings.warn(f"slimformer CPU kernels unavailable ({type(e).__name__}: "
@@ -74,3 +80,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("slimformer::f32_linear")
     def _f32(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("slimformer::w8a8_linear")
+    def _w8a8(x, w, wscale, bias, act_scale):
+        return x.new_empty(x.shape[0], w.shape[0])

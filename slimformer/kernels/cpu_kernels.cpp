@@ -1,6 +1,8 @@
-// slimformer CPU kernels for few-token (decode / speculative-verify) linear layers.
+// slimformer CPU kernels: few-token (decode / speculative-verify) linear layers, and the W8A8
+// linear's activation quantization and rescaling around PyTorch's int8 GEMM (any token count;
+// see w8a8_linear at the end).
 //
-// Both kernels compute y[m, n] = sum_k W[n, k] x[m, k] for small M (a handful of tokens), where
+// The few-token kernels compute y[m, n] = sum_k W[n, k] x[m, k] for small M (a handful of tokens), where
 // a decode step is bound by how fast the weight bytes stream from memory: each weight row is
 // read once and applied to up to 8 token rows while it sits in L1.
 //
@@ -20,7 +22,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -297,6 +301,351 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor weight) {
   return y;
 }
 
+namespace {
+
+// Row m of x [M, K] -> int8 codes q[m, :] = clamp(round(x * (1 / s_m)), -127, 127) with the
+// per-token step s_m = min(max_k |x[m, k]|, lim) / 127 (floored at 1e-30 / 127). Same float
+// operations as the pure-PyTorch path (absmax, clamp_min, / 127, reciprocal, x * r,
+// round-half-even), so the codes match bit for bit.
+void quantize_row(const float* xr, int64_t K, float lim, int8_t* qr, float* s_out) {
+  float amax = 0.f;
+  int64_t k = 0;
+#if SF_AVX512
+  __m512 vmax = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
+  amax = _mm512_reduce_max_ps(vmax);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+  amax = std::min(amax, lim);
+  amax = std::max(amax, 1e-30f);
+  const float s = amax / 127.f;
+  *s_out = s;
+  k = 0;
+#if SF_AVX512
+  const float inv = 1.f / s;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (; k + 16 <= K; k += 16) {
+    // x * r rounded to nearest-even (the default MXCSR mode), clamped: the same codes as
+    // torch.round(x * r).clamp(-127, 127)
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), vinv));
+    v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k), _mm512_cvtsepi32_epi8(v));
+  }
+#endif
+#if !SF_AVX512
+  const float inv = 1.f / s;
+#endif
+  for (; k < K; ++k) {
+    float v = std::nearbyint(xr[k] * inv);
+    v = std::min(127.f, std::max(-127.f, v));
+    qr[k] = static_cast<int8_t>(v);
+  }
+}
+
+// y[m, n] = (float(acc[m, n]) * ws[n]) * s[m] (+ b[n]): the pure-PyTorch path's order of roundings.
+void dequant_row(const int32_t* ar, const float* ws, float s, const float* b, int64_t N, float* yr) {
+  int64_t n = 0;
+#if SF_AVX512
+  const __m512 vs = _mm512_set1_ps(s);
+  for (; n + 16 <= N; n += 16) {
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(ar + n)), _mm512_loadu_ps(ws + n));
+    v = _mm512_mul_ps(v, vs);
+    if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + n));
+    _mm512_storeu_ps(yr + n, v);
+  }
+#endif
+  for (; n < N; ++n) {
+    float v = static_cast<float>(ar[n]) * ws[n];
+    v = v * s;
+    if (b) v = v + b[n];
+    yr[n] = v;
+  }
+}
+
+}  // namespace
+
+// W8A8 linear with per-token int8 activations (survey Eq. 5):
+//   x [M, K] f32, w [N, K] int8 (per-output-channel codes), wscale [N] f32, bias [N] f32 or None,
+//   act_scale: a calibrated static scale (one float) or None; inputs beyond +-127 * act_scale are
+//   clipped, and the grid inside that range is still per token.
+// One pass quantizes x (per-token absmax + codes), torch's int8 GEMM (_int_mm, int32
+// accumulation) multiplies, one pass rescales: no float temporaries of x or y besides y itself.
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor wscale,
+                          c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> act_scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "w8a8_linear: x must be 2-D float32");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8, "w8a8_linear: w must be 2-D int8");
+  TORCH_CHECK(w.size(1) == x.size(1), "w8a8_linear: K mismatch (x ", x.size(1), ", w ", w.size(1), ")");
+  TORCH_CHECK(wscale.scalar_type() == torch::kFloat32 && wscale.numel() == w.size(0),
+              "w8a8_linear: wscale must be float32 with one entry per output row");
+  x = x.contiguous();
+  wscale = wscale.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float* bp = nullptr;
+  torch::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    bc = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(bc.numel() == N, "w8a8_linear: bias must have one entry per output row");
+    bp = bc.data_ptr<float>();
+  }
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto s = torch::empty({M}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  float flim = std::numeric_limits<float>::infinity();
+  if (act_scale.has_value() && act_scale->defined()) {
+    TORCH_CHECK(act_scale->numel() == 1, "w8a8_linear: act_scale must hold one value");
+    flim = 127.f * act_scale->to(torch::kFloat32).item<float>();  // as float32, like torch's 127 * s
+  }
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * K, K, flim, qp + m * K, sp + m);
+  });
+  auto acc = at::_int_mm(q, w.t());  // [M, N] int32
+  auto y = torch::empty({M, N}, x.options());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* wsp = wscale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) dequant_row(ap + m * N, wsp, sp[m], bp, N, yp + m * N);
+  });
+  return y;
+}
+
+// ============================================================================================
+// Causal prefill attention: softmax(q k^T * scale + causal mask) v for a square prompt, GQA.
+//
+// PyTorch's CPU flash kernel splits a 512-token prompt into query tiles against ONE 512-key
+// tile, so a causal prompt pays for the whole square and masks half of it away. Here each task
+// is (batch, head, block of kAttnRows query rows) and computes only the keys up to its last row:
+// scores for 8 query rows x 32 keys stay in 16 registers (k is pre-transposed to [D, L] so a
+// key tile is two contiguous vector loads per d), the softmax runs in place on that row block,
+// and P V runs 4 rows x 64 values at a time. Tasks are handed out largest first, dynamically.
+// fp32 throughout: the same sums as SDPA in another order (agrees to float rounding).
+// ============================================================================================
+namespace {
+
+constexpr int64_t kAttnRows = 32;  // query rows per task
+
+#if SF_AVX512
+// e^x for x <= 0 (scores minus their row max), Cephes-style: 2^n * p(r), |r| <= ln2 / 2.
+inline __m512 exp_neg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+#endif
+
+// S[r, j0 .. j0+32) = scale * q_r . k_j for MR query rows; kt is [D, L] (row stride L).
+template <int MR>
+inline void qk_tile(const float* const* qr, const float* kt, int64_t L, int64_t D, int64_t j0,
+                    int64_t jn, float scale, float* S, int64_t lds) {
+#if SF_AVX512
+  const __mmask16 m0 = tail_mask(jn), m1 = tail_mask(jn - 16 > 0 ? jn - 16 : 0);
+  __m512 a0[MR], a1[MR];
+  for (int r = 0; r < MR; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+  for (int64_t d = 0; d < D; ++d) {
+    const float* kr = kt + d * L + j0;
+    const __m512 k0 = _mm512_maskz_loadu_ps(m0, kr);
+    const __m512 k1 = _mm512_maskz_loadu_ps(m1, kr + 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 qb = _mm512_set1_ps(qr[r][d]);
+      a0[r] = _mm512_fmadd_ps(qb, k0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(qb, k1, a1[r]);
+    }
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(S + r * lds + j0, m0, _mm512_mul_ps(a0[r], vs));
+    _mm512_mask_storeu_ps(S + r * lds + j0 + 16, m1, _mm512_mul_ps(a1[r], vs));
+  }
+#else
+  for (int r = 0; r < MR; ++r)
+    for (int64_t j = j0; j < j0 + jn; ++j) {
+      float a = 0.f;
+      for (int64_t d = 0; d < D; ++d) a += qr[r][d] * kt[d * L + j];
+      S[r * lds + j] = a * scale;
+    }
+#endif
+}
+
+// out_r[d0 .. d0 + 16 DV) = inv_r * sum_{j < jn} P[r, j] v_j[d0 ..] for MR rows.
+template <int MR, int DV>
+inline void pv_tile(const float* const* pr, const float* v, int64_t ldv, int64_t jn, int64_t d0,
+                    float* const* outr, const float* inv) {
+#if SF_AVX512
+  __m512 acc[MR][DV];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < jn; ++j) {
+    const float* vr = v + j * ldv + d0;
+    __m512 vv[DV];
+    for (int c = 0; c < DV; ++c) vv[c] = _mm512_loadu_ps(vr + 16 * c);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 pb = _mm512_set1_ps(pr[r][j]);
+      for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    const __m512 vi = _mm512_set1_ps(inv[r]);
+    for (int c = 0; c < DV; ++c) _mm512_storeu_ps(outr[r] + d0 + 16 * c, _mm512_mul_ps(acc[r][c], vi));
+  }
+#else
+  for (int r = 0; r < MR; ++r)
+    for (int64_t d = d0; d < d0 + 16 * DV; ++d) {
+      float a = 0.f;
+      for (int64_t j = 0; j < jn; ++j) a += pr[r][j] * v[j * ldv + d];
+      outr[r][d] = a * inv[r];
+    }
+#endif
+}
+
+// Softmax of row i over keys 0..i in place (S[i] holds scaled scores); zeroes keys i+1..jend.
+// Returns 1 / sum.
+inline float softmax_row(float* s, int64_t i, int64_t jend) {
+  const int64_t n = i + 1;
+  float mx = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+#if SF_AVX512
+  __m512 vmx = _mm512_set1_ps(mx);
+  for (; j + 16 <= n; j += 16) vmx = _mm512_max_ps(vmx, _mm512_loadu_ps(s + j));
+  if (j < n) vmx = _mm512_mask_max_ps(vmx, tail_mask(n - j), vmx, _mm512_maskz_loadu_ps(tail_mask(n - j), s + j));
+  mx = _mm512_reduce_max_ps(vmx);
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps();
+  for (j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vm));
+    const __m512 em = _mm512_maskz_mov_ps(m, e);
+    vsum = _mm512_add_ps(vsum, em);
+    _mm512_mask_storeu_ps(s + j, m, em);
+  }
+  const float sum = _mm512_reduce_add_ps(vsum);
+#else
+  for (j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  float sum = 0.f;
+  for (j = 0; j < n; ++j) { s[j] = std::exp(s[j] - mx); sum += s[j]; }
+#endif
+  for (j = n; j < jend; ++j) s[j] = 0.f;
+  return 1.f / sum;
+}
+
+template <typename Fn>
+void with_rows4(int mr, const Fn& fn) {
+  switch (mr) {
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    default: fn(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+template <typename Fn>
+void with_dv(int dv, const Fn& fn) {
+  switch (dv) {
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    default: fn(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+}  // namespace
+
+// q [B, H, L, D], k / v [B, Hkv, L, D] float32 (last dim contiguous; H a multiple of Hkv, D a
+// multiple of 16) -> out [B, L, H, D] contiguous (the layout attention modules reshape from).
+torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "causal_attention: q, k, v must be 4-D [B, H, L, D]");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
+              v.scalar_type() == torch::kFloat32, "causal_attention: float32 only");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hk = k.size(1);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hk && k.size(2) == L && v.size(2) == L &&
+              k.size(3) == D && v.size(3) == D, "causal_attention: k / v must be [B, Hkv, L, D] matching q (a square)");
+  TORCH_CHECK(Hk > 0 && H % Hk == 0, "causal_attention: ", H, " heads do not share ", Hk, " kv heads evenly");
+  TORCH_CHECK(D % 16 == 0, "causal_attention: head dim ", D, " is not a multiple of 16");
+  if (q.stride(3) != 1) q = q.contiguous();
+  if (v.stride(3) != 1) v = v.contiguous();
+  auto kt = k.transpose(2, 3).contiguous();  // [B, Hkv, D, L]: a key tile is a row segment
+  auto out = torch::empty({B, L, H, D}, q.options());
+  const int64_t G = H / Hk;
+  const int64_t nblk = (L + kAttnRows - 1) / kAttnRows;
+  const int64_t ntask = B * H * nblk;
+  const float* qp = q.data_ptr<float>();
+  const float* ktp = kt.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t qsb = q.stride(0), qsh = q.stride(1), qsl = q.stride(2);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsl = v.stride(2);
+  const float fscale = static_cast<float>(scale);
+  const int64_t lds = ((L + 31) / 32) * 32;
+  const int nthreads = std::max(1, at::get_num_threads());
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t t = 0; t < ntask; ++t) {
+    const int64_t blk = nblk - 1 - t / (B * H);  // largest blocks first
+    const int64_t bh = t % (B * H);
+    const int64_t b = bh / H, h = bh % H, hk = h / G;
+    const int64_t r0 = blk * kAttnRows, r1 = std::min(L, r0 + kAttnRows);
+    thread_local std::vector<float> sbuf;
+    sbuf.resize(static_cast<size_t>(kAttnRows * lds));
+    float* S = sbuf.data();
+    const float* qb = qp + b * qsb + h * qsh;
+    const float* ktb = ktp + (b * Hk + hk) * D * L;
+    const float* vb = vp + b * vsb + hk * vsh;
+    // scores: row groups of 8, key tiles of 32 up to the group's last row
+    for (int64_t i0 = r0; i0 < r1; i0 += kMaxTokenBlock) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, r1 - i0));
+      const float* qr[kMaxTokenBlock];
+      for (int r = 0; r < mr; ++r) qr[r] = qb + (i0 + r) * qsl;
+      const int64_t jend = i0 + mr;  // keys 0 .. jend-1 are visible to some row of the group
+      for (int64_t j0 = 0; j0 < jend; j0 += 32) {
+        const int64_t jn = std::min<int64_t>(32, jend - j0);
+        with_block(mr, [&](auto R) {
+          qk_tile<decltype(R)::value>(qr, ktb, L, D, j0, jn, fscale, S + (i0 - r0) * lds, lds);
+        });
+      }
+    }
+    float inv[kAttnRows];
+    for (int64_t i = r0; i < r1; ++i) {
+      const int64_t grp_end = std::min(r1, r0 + ((i - r0) / kMaxTokenBlock + 1) * kMaxTokenBlock);
+      inv[i - r0] = softmax_row(S + (i - r0) * lds, i, grp_end);
+    }
+    for (int64_t i0 = r0; i0 < r1; i0 += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, r1 - i0));
+      const float* pr[4];
+      float* orow[4];
+      for (int r = 0; r < mr; ++r) {
+        pr[r] = S + (i0 - r0 + r) * lds;
+        orow[r] = op + ((b * L + i0 + r) * H + h) * D;
+      }
+      const int64_t jn = i0 + mr;  // P is zero past each row's own position
+      for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int dv = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
+        with_rows4(mr, [&](auto R) {
+          with_dv(dv, [&](auto V) {
+            pv_tile<decltype(R)::value, decltype(V)::value>(pr, vb, vsl, jn, d0, orow, inv + (i0 - r0));
+          });
+        });
+      }
+    }
+  }
+  return out;
+}
+
 bool has_avx512() { return SF_AVX512 != 0; }
 
 // As dispatcher ops (torch.ops.slimformer.*): what torch.compile'd graphs call. A Python
@@ -304,16 +653,22 @@ bool has_avx512() { return SF_AVX512 != 0; }
 TORCH_LIBRARY_FRAGMENT(slimformer, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int group_size, float zero_const) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("w8a8_linear(Tensor x, Tensor w, Tensor wscale, Tensor? bias, Tensor? act_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("f32_linear", &f32_linear);
+  m.impl("w8a8_linear", &w8a8_linear);
+  m.impl("causal_attention", &causal_attention);
 }
 
 // As plain Python functions: what eager code calls (no dispatcher on the per-step path).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "4-bit weight-only linear for few tokens");
   m.def("f32_linear", &f32_linear, "fp32 linear for few tokens (no bias)");
+  m.def("w8a8_linear", &w8a8_linear, "W8A8 linear: per-token int8 activations, int8 GEMM, rescale");
+  m.def("causal_attention", &causal_attention, "causal prefill attention over a square prompt (GQA)");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled");
 }

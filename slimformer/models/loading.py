@@ -46,6 +46,14 @@ class LoadedModel:
     source: str
     meta: dict = field(default_factory=dict)  # e.g. the compression recipe of a saved folder
 
+    def __post_init__(self) -> None:
+        if self.arch.kind == "causal-lm":
+            # every causal LM slimformer hands out (loaded, compressed, tiny, baselines too):
+            # our prefill attention kernel where it applies, SDPA elsewhere
+            from slimformer.kernels.attention import install
+
+            install(self.model)
+
     @property
     def kind(self) -> str:
         return self.arch.kind
@@ -90,14 +98,16 @@ def _load_path(path: Path, dtype: torch.dtype) -> LoadedModel:
         from slimformer.formats import load_compressed  # upper layer, imported lazily
 
         _check_safetensors(path)
-        return load_compressed(path)
-    if path.is_file():
+        lm = load_compressed(path)
+    elif path.is_file():
         if path.suffix != ".gguf":
             raise SlimformerError(f"'{path}' is a file but not a .gguf model; give its folder instead")
-        return _load_gguf(path, dtype)
-    if not (path / "config.json").exists():
+        lm = _load_gguf(path, dtype)
+    elif not (path / "config.json").exists():
         raise SlimformerError(f"folder '{path}' holds no model (no config.json or {COMPRESSED_CONFIG})")
-    return _load_hf_folder(path, dtype)
+    else:
+        lm = _load_hf_folder(path, dtype)
+    return lm
 
 
 def _check_gguf(path: Path) -> None:
