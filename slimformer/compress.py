@@ -147,9 +147,10 @@ def compress(model: Any, recipe: Any, out_dir: Optional[str | os.PathLike] = Non
                      on_block_done=writer.add if writer is not None else None)
         lm.meta = {**lm.meta, **meta, "engine_seconds": round(result.seconds, 3)}
         if source is None:
-            from slimformer.formats.fused import fuse_int8_siblings
+            from slimformer.formats.fused import fuse_int8_mlps, fuse_int8_siblings
 
             fuse_int8_siblings(lm.model, lm.arch)  # same-input int8 linears: one GEMM, same bits
+            fuse_int8_mlps(lm.model, lm.arch)  # a W8A8 gated MLP: one kernel call
         if out is None:
             return lm
         if writer is not None:

@@ -371,3 +371,66 @@ def test_loaded_causal_lms_get_the_attention_and_saved_configs_stay_plain(tmp_pa
     ids = torch.randint(0, 200, (1, 20))
     with torch.inference_mode():
         torch.testing.assert_close(plain(ids).logits, loaded.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# W8A8 gated MLP in one call
+# ---------------------------------------------------------------------------------------------
+def _w8a8_llama():
+    from slimformer import compress
+
+    lm = copy.deepcopy(tiny_model("llama"))
+    compress(lm, "w8a8-plain", progress=False)
+    return lm
+
+
+@needs_kernels
+def test_w8a8_gated_mlp_kernel_matches_its_steps():
+    """silu(gate) * up between the two int8 GEMMs, re-quantized per token: against the same
+    steps as PyTorch ops (codes may flip where SiLU's last bit differs: a few steps at most)."""
+    import torch.nn.functional as F
+
+    from slimformer.formats.fused import Int8GatedMLP
+
+    lm = _w8a8_llama()
+    mlps = [m for m in lm.model.modules() if isinstance(m, Int8GatedMLP)]
+    assert len(mlps) == lm.model.config.num_hidden_layers and all(m.fusable() for m in mlps)
+    m = mlps[0]
+    x = torch.randn(2, 7, lm.model.config.hidden_size)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        y = m(x)
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::_int_mm") == 2 and "aten::silu" not in names  # one call, no fp32 MLP ops
+    with torch.inference_mode():
+        want = m.down_proj(F.silu(m.gate_proj(x)) * m.up_proj(x))  # the unfused modules
+    assert y.shape == want.shape
+    assert float((y - want).norm() / want.norm()) < 1e-3
+    with torch.inference_mode(), torch.profiler.profile() as prof:  # without kernels: the modules
+        m.fusable = lambda: False
+        plain = m(x)
+    assert "aten::silu" in [e.name for e in prof.events()] and torch.equal(plain, want)
+
+
+@needs_kernels
+def test_w8a8_mlp_fusion_survives_save_load_and_decodes_the_same(tmp_path):
+    from slimformer.decoding import generate
+    from slimformer.formats import save_compressed
+    from slimformer.formats.fused import Int8GatedMLP
+
+    lm = _w8a8_llama()
+    save_compressed(lm, tmp_path / "m")
+    back = slimformer.load(tmp_path / "m")
+    assert sum(isinstance(m, Int8GatedMLP) for m in back.model.modules()) == lm.model.config.num_hidden_layers
+    ids = torch.randint(0, 200, (1, 21))
+    with torch.inference_mode():
+        assert torch.equal(back.model(ids).logits, lm.model(ids).logits)
+    prompts = ["hello there", "a b c"]
+    assert generate(back, prompts, 6, stop_on_eos=False).tokens == generate(lm, prompts, 6, stop_on_eos=False).tokens
+
+
+@needs_kernels
+def test_w8a8_gated_mlp_kernel_rejects_bad_shapes():
+    wgu = torch.zeros(10, 8, dtype=torch.int8)
+    wd = torch.zeros(4, 6, dtype=torch.int8)  # 2 x 6 != 10 gate/up rows
+    with pytest.raises(RuntimeError, match="gate/up must have"):
+        K.w8a8_gated_mlp(torch.randn(2, 8), wgu, torch.ones(10), None, wd, torch.ones(4), None, None)

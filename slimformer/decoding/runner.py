@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from slimformer.decoding.cache import (StaticKVCache, StepLayout, advance, static_step_layout, step_layout,
                                       write_kv)
 from slimformer.errors import SlimformerError
+from slimformer.formats.fused import Int8GatedMLP
 from slimformer.formats.linear import few_token_linear
+from slimformer.kernels.attention import kernel_causal_attention
 from slimformer.models.registry import get_module
 from slimformer.primitives.rotary import apply_rotary
 
@@ -202,13 +204,17 @@ class CausalRunner:
             cos, sin = rope
             qs, ks = apply_rotary(qs, cos, sin), apply_rotary(ks, cos, sin)
         K, V = write_kv(cache, i, ks, vs, layout)  # [B, Hkv, kv_len, D]
-        a = F.scaled_dot_product_attention(
-            qs, K, V, attn_mask=layout.mask, is_causal=layout.is_causal, scale=self.scales[i],
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # [B, H, q, D]
+        a = None
+        if layout.is_causal and layout.mask is None:  # unpadded prompt, empty cache: a square
+            a = kernel_causal_attention(qs, K, V, self.scales[i])  # [B, q, H, D] or None
+        if a is None:
+            a = F.scaled_dot_product_attention(
+                qs, K, V, attn_mask=layout.mask, is_causal=layout.is_causal, scale=self.scales[i],
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            ).transpose(1, 2)  # [B, q, H, D]
         if cache.attn_observer is not None:  # e.g. heavy-hitter KV eviction scores
             cache.attn_observer(i, qs, K, layout, self.scales[i])
-        a = few_token_linear(blk.o, a.transpose(1, 2).reshape(B, q, self.num_heads * self.head_dim))
+        a = few_token_linear(blk.o, a.reshape(B, q, self.num_heads * self.head_dim))
         x = x + a
         if not blk.pre_norm:
             x = blk.norm1(x)
@@ -247,7 +253,8 @@ def _gated_mlp(b: nn.Module, spec) -> Callable[[torch.Tensor], torch.Tensor]:
     MLP module itself when it is not the plain gated form (then it runs as it is)."""
     mlp = get_module(b, spec.mlp.up.rsplit(".", 1)[0])
     act = getattr(mlp, "act_fn", None)
-    if spec.mlp.gate is None or act is None or not type(mlp).__name__.endswith("MLP"):
+    if (spec.mlp.gate is None or act is None or not type(mlp).__name__.endswith("MLP")
+            or isinstance(mlp, Int8GatedMLP)):  # W8A8: the whole MLP is one kernel call
         return mlp
     gate, up, down = (get_module(b, p) for p in (spec.mlp.gate, spec.mlp.up, spec.mlp.down))
 

@@ -1,4 +1,5 @@
-"""Run-time fusion of int8 linears that read the same input (q/k/v, gate/up).
+"""Run-time fusion of int8 linears that read the same input (q/k/v, gate/up), and of a whole
+gated W8A8 MLP into one kernel call (:class:`Int8GatedMLP`).
 
 A W8A8 block calls ``q_proj(x)``, ``k_proj(x)`` and ``v_proj(x)`` on the same tensor, so three
 int8 GEMMs each quantize ``x`` again (a full pass over the activations per call) and each pay
@@ -11,8 +12,14 @@ The result is bit-identical to the unfused modules: the activation grid is per t
 depends on ``x`` only), the int8 products accumulate exactly in int32, and each output column
 is rescaled by its own weight scale, so which other rows share the GEMM changes nothing.
 
+With slimformer's C++ kernels, a gated MLP whose gate/up are such a fused pair and whose down
+projection is an ``Int8Linear`` then becomes an :class:`Int8GatedMLP`: quantize, gate/up GEMM,
+SiLU * up, re-quantize and the down GEMM in one call, the intermediate activations never
+written out in fp32 (outputs agree with the unfused modules to SiLU's float rounding).
+
 Saved folders never contain the fused form: a :class:`FusedInt8Slice` saves as the plain
-``Int8Linear`` it stands for, and loading fuses again.
+``Int8Linear`` it stands for, an :class:`Int8GatedMLP` keeps its children's names, and loading
+fuses again.
 """
 from __future__ import annotations
 
@@ -20,8 +27,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from slimformer.formats.linear import Int8Linear
+from slimformer.kernels import cpu_kernels
 from slimformer.primitives.affine import QuantizedTensor
 
 
@@ -130,6 +139,91 @@ class FusedInt8Slice(nn.Module):
     def extra_repr(self) -> str:
         a, b = self.group.bounds[self.index]
         return f"in={self.in_features}, out={self.out_features}, rows {a}:{b} of a fused int8 GEMM"
+
+
+def _is_silu(act) -> bool:
+    if not callable(act):
+        return False
+    probe = torch.linspace(-6, 6, 25)
+    try:
+        return torch.equal(act(probe), F.silu(probe))
+    except Exception:
+        return False
+
+
+class Int8GatedMLP(nn.Module):
+    """A gated MLP (``down(act(gate(x)) * up(x))``) whose gate/up are one fused int8 GEMM and
+    whose down projection is an ``Int8Linear``: one kernel call does the two int8 GEMMs, and
+    the gate/up output is rescaled, put through SiLU * up and re-quantized row by row without
+    ever being written out in fp32 (at 512 tokens that round trip cost more than the GEMMs'
+    own differences; ``benchmarks/RESULTS.md``).
+
+    It holds the original MLP's children under their own names, so the state dict and saved
+    folders are the same as the unfused model's; ``load`` builds it again. Anything the
+    kernel does not take (no kernels, autograd, non-fp32 input, unfused members) runs the
+    plain expression. Not bit-identical to the unfused modules: SiLU is computed with our
+    exponential (agrees to float rounding).
+    """
+
+    def __init__(self, mlp: nn.Module, gate: str, up: str, down: str):
+        super().__init__()
+        for name, child in mlp.named_children():
+            setattr(self, name, child)
+        self._names = (gate, up, down)
+
+    def _members(self):
+        return tuple(getattr(self, n) for n in self._names)
+
+    def fusable(self) -> bool:
+        gate, up, down = self._members()
+        return (isinstance(gate, FusedInt8Slice) and isinstance(up, FusedInt8Slice)
+                and gate.group is up.group and len(gate.group.bounds) == 2
+                and (gate.index, up.index) == (0, 1) and gate.bias is None and up.bias is None
+                and gate.out_features == up.out_features == down.in_features
+                and type(down) is Int8Linear and down.backend == "int_mm"
+                and gate.group.linear.backend == "int_mm")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self._members()
+        kern = cpu_kernels()
+        if (kern is not None and x.dtype == torch.float32 and self.fusable()
+                and not (torch.is_grad_enabled() and x.requires_grad)):
+            lin = gate.group.linear
+            args = (x.reshape(-1, x.shape[-1]), lin.weight_int8, lin.weight_scale, lin.act_scale,
+                    down.weight_int8, down.weight_scale, down.bias, down.act_scale)
+            if torch.compiler.is_compiling():
+                y = torch.ops.slimformer.w8a8_gated_mlp(*args)
+            else:
+                y = kern.w8a8_gated_mlp(*args)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return down(self.act_fn(gate(x)) * up(x))
+
+
+def fuse_int8_mlps(model: nn.Module, arch) -> int:
+    """Replace every block's gated MLP whose gate/up are fused int8 siblings (and whose
+    activation is SiLU, and down an ``Int8Linear``) by an :class:`Int8GatedMLP`; returns how
+    many. Needs the C++ kernels; a no-op without them."""
+    from slimformer.models.registry import get_module, set_module
+
+    if cpu_kernels() is None or not arch.mlp.gate:
+        return 0
+    parent = arch.mlp.gate.rsplit(".", 1)[0]
+    if not parent or parent != arch.mlp.up.rsplit(".", 1)[0] or parent != arch.mlp.down.rsplit(".", 1)[0]:
+        return 0
+    names = tuple(p.rsplit(".", 1)[1] for p in (arch.mlp.gate, arch.mlp.up, arch.mlp.down))
+    n = 0
+    for block in arch.get_blocks(model):
+        try:
+            mlp = get_module(block, parent)
+        except Exception:
+            continue
+        if isinstance(mlp, Int8GatedMLP) or not _is_silu(getattr(mlp, "act_fn", None)):
+            continue
+        fused = Int8GatedMLP(mlp, *names)
+        if fused.fusable():
+            set_module(block, parent, fused)
+            n += 1
+    return n
 
 
 def fuse_int8_siblings(model: nn.Module, arch) -> int:

@@ -343,9 +343,10 @@ def load_compressed(path: str | os.PathLike):
     if left:
         raise SlimformerError(f"'{path}' lacks tensors for {', '.join(left[:5])}")
     _fix_meta_attributes(model)
-    from slimformer.formats.fused import fuse_int8_siblings
+    from slimformer.formats.fused import fuse_int8_mlps, fuse_int8_siblings
 
     fuse_int8_siblings(model, arch)  # q/k/v and gate/up share one int8 GEMM (bit-identical)
+    fuse_int8_mlps(model, arch)  # a W8A8 gated MLP: one kernel call
 
     tok = None
     if arch.kind != "vision":

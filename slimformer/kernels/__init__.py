@@ -84,3 +84,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("slimformer::w8a8_linear")
     def _w8a8(x, w, wscale, bias, act_scale):
         return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("slimformer::w8a8_gated_mlp")
+    def _w8a8_mlp(x, wgu, sgu, agu, wd, sd, bd, ad):
+        return x.new_empty(x.shape[0], wd.shape[0])

@@ -45,6 +45,16 @@ def plain_causal_square(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
             and not torch.compiler.is_compiling())
 
 
+def kernel_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            scale: float) -> Optional[torch.Tensor]:
+    """The kernel's ``[B, L, H, D]`` output for an unmasked causal square, or ``None`` when the
+    kernel cannot take these tensors (no kernels, not fp32, autograd, compiling, odd head dim)."""
+    kern = cpu_kernels()
+    if kern is None or not plain_causal_square(query, key, value, None, 0.0, True, None):
+        return None
+    return kern.causal_attention(query, key, value, float(scale))
+
+
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """Causal attention over a square: query ``[B, H, L, D]``, key / value ``[B, Hkv, L, D]``

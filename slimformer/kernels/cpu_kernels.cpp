@@ -412,6 +412,118 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor wscale
   return y;
 }
 
+namespace {
+
+#if SF_AVX512
+// silu(g) * u = g * u / (1 + e^-g), e^-g by the same 2^n p(r) scheme as exp_neg (any sign).
+inline __m512 silu_mul(__m512 g, __m512 u) {
+  __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(-87.3f)),
+                           _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512 e = _mm512_scalef_ps(p, n);
+  return _mm512_div_ps(_mm512_mul_ps(g, u), _mm512_add_ps(e, _mm512_set1_ps(1.f)));
+}
+#endif
+
+float static_lim(const c10::optional<torch::Tensor>& act_scale, const char* what) {
+  if (act_scale.has_value() && act_scale->defined()) {
+    TORCH_CHECK(act_scale->numel() == 1, what, ": act_scale must hold one value");
+    return 127.f * act_scale->to(torch::kFloat32).item<float>();
+  }
+  return std::numeric_limits<float>::infinity();
+}
+
+}  // namespace
+
+// A gated MLP in W8A8, one call: down(silu(gate(x)) * up(x)) with
+//   x [M, K] f32; wgu [2I, K] int8 (gate rows, then up rows) with scales sgu [2I]; wd [H, I]
+//   int8 with scales sd [H], bias bd [H] or None; agu / ad: static clips (or None) of the two
+//   GEMM inputs. x is quantized per token, gate/up is one int8 GEMM, and each row of its int32
+//   output is rescaled, passed through silu * up and quantized per token for the down GEMM
+//   while it sits in L1 -- the gate/up activations never exist in fp32 in memory.
+torch::Tensor w8a8_gated_mlp(torch::Tensor x, torch::Tensor wgu, torch::Tensor sgu,
+                             c10::optional<torch::Tensor> agu, torch::Tensor wd, torch::Tensor sd,
+                             c10::optional<torch::Tensor> bd, c10::optional<torch::Tensor> ad) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "w8a8_gated_mlp: x must be 2-D float32");
+  TORCH_CHECK(wgu.dim() == 2 && wgu.scalar_type() == torch::kInt8 && wd.dim() == 2 && wd.scalar_type() == torch::kInt8,
+              "w8a8_gated_mlp: weights must be 2-D int8");
+  TORCH_CHECK(wgu.size(1) == x.size(1), "w8a8_gated_mlp: K mismatch");
+  TORCH_CHECK(wgu.size(0) % 2 == 0 && wd.size(1) * 2 == wgu.size(0),
+              "w8a8_gated_mlp: gate/up must have 2 x ", wd.size(1), " rows, got ", wgu.size(0));
+  TORCH_CHECK(sgu.scalar_type() == torch::kFloat32 && sgu.numel() == wgu.size(0) &&
+              sd.scalar_type() == torch::kFloat32 && sd.numel() == wd.size(0),
+              "w8a8_gated_mlp: scales must be float32, one per output row");
+  x = x.contiguous();
+  sgu = sgu.contiguous();
+  sd = sd.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), I = wd.size(1), H = wd.size(0);
+  const float lim_gu = static_lim(agu, "w8a8_gated_mlp"), lim_d = static_lim(ad, "w8a8_gated_mlp");
+  const float* bp = nullptr;
+  torch::Tensor bc;
+  if (bd.has_value() && bd->defined()) {
+    bc = bd->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(bc.numel() == H, "w8a8_gated_mlp: bias must have one entry per output row");
+    bp = bc.data_ptr<float>();
+  }
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto s = torch::empty({M}, x.options());
+  {
+    const float* xp = x.data_ptr<float>();
+    int8_t* qp = q.data_ptr<int8_t>();
+    float* sp = s.data_ptr<float>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * K, K, lim_gu, qp + m * K, sp + m);
+    });
+  }
+  auto acc = at::_int_mm(q, wgu.t());  // [M, 2I] int32
+  auto hq = torch::empty({M, I}, x.options().dtype(torch::kInt8));
+  auto sh = torch::empty({M}, x.options());
+  {
+    const int32_t* ap = acc.data_ptr<int32_t>();
+    const float* wsp = sgu.data_ptr<float>();
+    const float* sp = s.data_ptr<float>();
+    int8_t* hp = hq.data_ptr<int8_t>();
+    float* shp = sh.data_ptr<float>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(I, 1)), [&](int64_t m0, int64_t m1) {
+      std::vector<float> g(static_cast<size_t>(I)), u(static_cast<size_t>(I));
+      for (int64_t m = m0; m < m1; ++m) {
+        const int32_t* ar = ap + m * 2 * I;
+        dequant_row(ar, wsp, sp[m], nullptr, I, g.data());
+        dequant_row(ar + I, wsp + I, sp[m], nullptr, I, u.data());
+        int64_t j = 0;
+#if SF_AVX512
+        for (; j + 16 <= I; j += 16)
+          _mm512_storeu_ps(g.data() + j, silu_mul(_mm512_loadu_ps(g.data() + j), _mm512_loadu_ps(u.data() + j)));
+#endif
+        for (; j < I; ++j) g[j] = g[j] * u[j] / (1.f + std::exp(-g[j]));
+        quantize_row(g.data(), I, lim_d, hp + m * I, shp + m);
+      }
+    });
+  }
+  auto accd = at::_int_mm(hq, wd.t());  // [M, H] int32
+  auto y = torch::empty({M, H}, x.options());
+  {
+    const int32_t* ap = accd.data_ptr<int32_t>();
+    const float* wsp = sd.data_ptr<float>();
+    const float* shp = sh.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) dequant_row(ap + m * H, wsp, shp[m], bp, H, yp + m * H);
+    });
+  }
+  return y;
+}
+
 // ============================================================================================
 // Causal prefill attention: softmax(q k^T * scale + causal mask) v for a square prompt, GQA.
 //
@@ -654,6 +766,7 @@ TORCH_LIBRARY_FRAGMENT(slimformer, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int group_size, float zero_const) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("w8a8_gated_mlp(Tensor x, Tensor wgu, Tensor sgu, Tensor? agu, Tensor wd, Tensor sd, Tensor? bd, Tensor? ad) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor w, Tensor wscale, Tensor? bias, Tensor? act_scale) -> Tensor");
 }
 
@@ -662,6 +775,7 @@ TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
   m.impl("f32_linear", &f32_linear);
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("causal_attention", &causal_attention);
+  m.impl("w8a8_gated_mlp", &w8a8_gated_mlp);
 }
 
 // As plain Python functions: what eager code calls (no dispatcher on the per-step path).
@@ -670,5 +784,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_linear", &f32_linear, "fp32 linear for few tokens (no bias)");
   m.def("w8a8_linear", &w8a8_linear, "W8A8 linear: per-token int8 activations, int8 GEMM, rescale");
   m.def("causal_attention", &causal_attention, "causal prefill attention over a square prompt (GQA)");
+  m.def("w8a8_gated_mlp", &w8a8_gated_mlp, "W8A8 gated MLP: down(silu(gate(x)) * up(x)) in one call");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled");
 }
