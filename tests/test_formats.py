@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from slimformer.errors import SlimformerError
+from slimformer.kernels import cpu_kernels
 from slimformer.formats import (Int8Linear, QuantLinear, linear_weight, load_compressed,
                                 quantized_nbytes, save_compressed)
 from slimformer.models import get_module, load, set_module, tiny_model
@@ -79,7 +80,10 @@ def test_int8_linear_true_int8_gemm_and_close_to_fp32():
                 y = lin(x)
             names = {e.name for e in prof.events()}
             int_ops = {"quantized::linear_dynamic", "aten::_int_mm"} & names
-            assert int_ops, names
+            # <= 8 tokens on the int_mm backend: our own VNNI int8 product (no aten op to see;
+            # tests/test_kernels.py checks it bit for bit against _int_mm)
+            own = backend == "int_mm" and m <= 8 and cpu_kernels() is not None
+            assert int_ops or own, names
             assert not {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul"} & names
             assert sqnr_db(ref, y) > 30, (backend, m)
         assert torch.equal(lin.quantized().codes, quantize(w, W8).codes)

@@ -13,9 +13,10 @@ Two modules, chosen by what PyTorch's CPU kernels can do (measured, see
 * :class:`Int8Linear` -- W8A8 (survey Eq. 5): int8 per-channel weights and int8 activations with
   a scale per token, multiplied by an int8 GEMM with int32 accumulation. With slimformer's C++
   kernels (backend ``int_mm``, the default when they build) the int8 codes ``[N, K]`` are kept
-  as they are and one call quantizes every token in one pass, runs PyTorch's int8 GEMM
-  (``torch._int_mm``) and rescales the int32 result in one pass -- at 512 tokens ~25% faster
-  than fbgemm's dynamic linear, at one token ~1.6x (``benchmarks/RESULTS.md`` "W8A8 kernel").
+  as they are and one call quantizes every token in one pass, multiplies in int8 with int32
+  accumulation -- PyTorch's ``torch._int_mm`` for many tokens, our own VNNI row product for up
+  to 8 (decode, speculative verify: ``_int_mm`` re-lays out the whole weight on every call) --
+  and rescales the int32 result in one pass (``benchmarks/RESULTS.md``, "W8A8 prefill").
   Without the kernels the weight lives in fbgemm's packed int8 format (backend ``fbgemm``): one
   token is one call of fbgemm's dynamic linear (for a single row its per-tensor activation scale
   IS the per-token scale); for many tokens each row is first divided by its own absmax, so the

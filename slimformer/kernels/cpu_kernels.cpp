@@ -1,6 +1,6 @@
-// slimformer CPU kernels: few-token (decode / speculative-verify) linear layers, and the W8A8
-// linear's activation quantization and rescaling around PyTorch's int8 GEMM (any token count;
-// see w8a8_linear at the end).
+// slimformer CPU kernels: few-token (decode / speculative-verify) linear layers; the W8A8
+// linear and gated MLP (per-token quantization and rescaling around an int8 product: ours for a
+// few tokens, PyTorch's int8 GEMM for many); causal prefill attention (see the sections below).
 //
 // The few-token kernels compute y[m, n] = sum_k W[n, k] x[m, k] for small M (a handful of tokens), where
 // a decode step is bound by how fast the weight bytes stream from memory: each weight row is
@@ -303,6 +303,64 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor weight) {
 
 namespace {
 
+// acc[m, n] = sum_k q[m, k] w[n, k] (int32, exact) for a few token rows: the weight rows are
+// read straight from their [N, K] int8 layout, one sequential stream per thread. torch._int_mm
+// (oneDNN) reorders the whole weight into its blocked layout on every call, which at one token
+// reads and writes the weights twice more than the product needs. VNNI multiplies u8 x s8, so
+// the codes go in as q + 128 and 128 * sum_k w[n, k] is taken back out.
+template <int MB>
+void i8_rows(const int8_t* w, const uint8_t* const* xu, int64_t K, int64_t n0, int64_t n1,
+             int32_t* acc, int64_t m0, int64_t N) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+#if SF_AVX512 && defined(__AVX512VNNI__)
+    __m512i a[MB];
+    for (int m = 0; m < MB; ++m) a[m] = _mm512_setzero_si512();
+    __m512i sw = _mm512_setzero_si512();
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t k = 0; k < K; k += 64) {
+      const int64_t r = K - k;
+      const __mmask64 mask = r >= 64 ? ~static_cast<__mmask64>(0) : ((static_cast<__mmask64>(1) << r) - 1);
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, wr + k);
+      sw = _mm512_dpbusd_epi32(sw, ones, wv);
+      for (int m = 0; m < MB; ++m) a[m] = _mm512_dpbusd_epi32(a[m], _mm512_maskz_loadu_epi8(mask, xu[m] + k), wv);
+    }
+    const int32_t corr = 128 * _mm512_reduce_add_epi32(sw);
+    for (int m = 0; m < MB; ++m) acc[(m0 + m) * N + n] = _mm512_reduce_add_epi32(a[m]) - corr;
+#else
+    for (int m = 0; m < MB; ++m) {
+      int32_t t = 0;
+      for (int64_t k = 0; k < K; ++k) t += (static_cast<int32_t>(xu[m][k]) - 128) * static_cast<int32_t>(wr[k]);
+      acc[(m0 + m) * N + n] = t;
+    }
+#endif
+  }
+}
+
+}  // namespace
+
+// q [M, K] int8 x w [N, K] int8 -> [M, N] int32: our row-streaming product up to
+// kMaxTokenBlock tokens, torch._int_mm beyond (both exact).
+torch::Tensor int8_mm(const torch::Tensor& q, const torch::Tensor& w) {
+  const int64_t M = q.size(0), K = q.size(1), N = w.size(0);
+  if (M > kMaxTokenBlock) return at::_int_mm(q, w.t());
+  auto wc = w.contiguous();
+  std::vector<uint8_t> xu(static_cast<size_t>(M * K));
+  const int8_t* qp = q.data_ptr<int8_t>();
+  for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(static_cast<int32_t>(qp[i]) + 128);
+  auto acc = torch::empty({M, N}, q.options().dtype(torch::kInt32));
+  int32_t* ap = acc.data_ptr<int32_t>();
+  const int8_t* wp = wc.data_ptr<int8_t>();
+  over_tiles(N, M, 64, [&](int64_t t0, int64_t t1, int64_t m0, int mb) {
+    const uint8_t* xr[kMaxTokenBlock];
+    for (int i = 0; i < mb; ++i) xr[i] = xu.data() + (m0 + i) * K;
+    with_block(mb, [&](auto B) { i8_rows<decltype(B)::value>(wp, xr, K, t0, t1, ap, m0, N); });
+  });
+  return acc;
+}
+
+namespace {
+
 // Row m of x [M, K] -> int8 codes q[m, :] = clamp(round(x * (1 / s_m)), -127, 127) with the
 // per-token step s_m = min(max_k |x[m, k]|, lim) / 127 (floored at 1e-30 / 127). Same float
 // operations as the pure-PyTorch path (absmax, clamp_min, / 127, reciprocal, x * r,
@@ -401,7 +459,7 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor wscale
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * K, K, flim, qp + m * K, sp + m);
   });
-  auto acc = at::_int_mm(q, w.t());  // [M, N] int32
+  auto acc = int8_mm(q, w);  // [M, N] int32
   auto y = torch::empty({M, N}, x.options());
   const int32_t* ap = acc.data_ptr<int32_t>();
   const float* wsp = wscale.data_ptr<float>();
@@ -485,7 +543,7 @@ torch::Tensor w8a8_gated_mlp(torch::Tensor x, torch::Tensor wgu, torch::Tensor s
       for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * K, K, lim_gu, qp + m * K, sp + m);
     });
   }
-  auto acc = at::_int_mm(q, wgu.t());  // [M, 2I] int32
+  auto acc = int8_mm(q, wgu);  // [M, 2I] int32
   auto hq = torch::empty({M, I}, x.options().dtype(torch::kInt8));
   auto sh = torch::empty({M}, x.options());
   {
@@ -510,7 +568,7 @@ torch::Tensor w8a8_gated_mlp(torch::Tensor x, torch::Tensor wgu, torch::Tensor s
       }
     });
   }
-  auto accd = at::_int_mm(hq, wd.t());  // [M, H] int32
+  auto accd = int8_mm(hq, wd);  // [M, H] int32
   auto y = torch::empty({M, H}, x.options());
   {
     const int32_t* ap = accd.data_ptr<int32_t>();
