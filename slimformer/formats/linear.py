@@ -356,8 +356,9 @@ class Int8Linear(nn.Module):
 
     ``act_scale`` (optional, a calibrated per-tensor scale) clips the activations to
     +-127 * act_scale; the grid inside that range is still chosen per token (never coarser than
-    the static grid). Every backend computes the same codes; ``int_mm`` with or without the C++
-    kernel gives bit-identical outputs (tested).
+    the static grid). The ``int_mm`` backend gives bit-identical outputs with or without the C++
+    kernel (tested); fbgemm quantizes each token's range on its own asymmetric uint8 grid, so
+    its outputs differ from ``int_mm``'s at the quantization-noise level.
     """
 
     def __init__(self, in_features: int, out_features: int, backend: str):

@@ -98,16 +98,14 @@ def _load_path(path: Path, dtype: torch.dtype) -> LoadedModel:
         from slimformer.formats import load_compressed  # upper layer, imported lazily
 
         _check_safetensors(path)
-        lm = load_compressed(path)
-    elif path.is_file():
+        return load_compressed(path)
+    if path.is_file():
         if path.suffix != ".gguf":
             raise SlimformerError(f"'{path}' is a file but not a .gguf model; give its folder instead")
-        lm = _load_gguf(path, dtype)
-    elif not (path / "config.json").exists():
+        return _load_gguf(path, dtype)
+    if not (path / "config.json").exists():
         raise SlimformerError(f"folder '{path}' holds no model (no config.json or {COMPRESSED_CONFIG})")
-    else:
-        lm = _load_hf_folder(path, dtype)
-    return lm
+    return _load_hf_folder(path, dtype)
 
 
 def _check_gguf(path: Path) -> None:
