@@ -473,10 +473,10 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor wscale
 namespace {
 
 #if SF_AVX512
-// silu(g) * u = g * u / (1 + e^-g), e^-g by the same 2^n p(r) scheme as exp_neg (any sign).
-inline __m512 silu_mul(__m512 g, __m512 u) {
-  __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(-87.3f)),
-                           _mm512_set1_ps(88.3f));
+// e^x, Cephes-style: 2^n * p(r) with |r| <= ln2 / 2, x clamped to where fp32 e^x is finite and
+// normal (relative error ~1e-7).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -488,7 +488,12 @@ inline __m512 silu_mul(__m512 g, __m512 u) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __m512 e = _mm512_scalef_ps(p, n);
+  return _mm512_scalef_ps(p, n);
+}
+
+// silu(g) * u = g * u / (1 + e^-g)
+inline __m512 silu_mul(__m512 g, __m512 u) {
+  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
   return _mm512_div_ps(_mm512_mul_ps(g, u), _mm512_add_ps(e, _mm512_set1_ps(1.f)));
 }
 #endif
@@ -598,23 +603,6 @@ namespace {
 constexpr int64_t kAttnRows = 32;  // query rows per task
 
 #if SF_AVX512
-// e^x for x <= 0 (scores minus their row max), Cephes-style: 2^n * p(r), |r| <= ln2 / 2.
-inline __m512 exp_neg(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
 }
@@ -699,7 +687,7 @@ inline float softmax_row(float* s, int64_t i, int64_t jend) {
   __m512 vsum = _mm512_setzero_ps();
   for (j = 0; j < n; j += 16) {
     const __mmask16 m = tail_mask(n - j);
-    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vm));
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vm));
     const __m512 em = _mm512_maskz_mov_ps(m, e);
     vsum = _mm512_add_ps(vsum, em);
     _mm512_mask_storeu_ps(s + j, m, em);
@@ -715,18 +703,8 @@ inline float softmax_row(float* s, int64_t i, int64_t jend) {
 }
 
 template <typename Fn>
-void with_rows4(int mr, const Fn& fn) {
-  switch (mr) {
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    default: fn(std::integral_constant<int, 1>{}); break;
-  }
-}
-
-template <typename Fn>
-void with_dv(int dv, const Fn& fn) {
-  switch (dv) {
+void with_1to4(int v, const Fn& fn) {  // fn(std::integral_constant<int, v>{}) for v in 1..4
+  switch (v) {
     case 4: fn(std::integral_constant<int, 4>{}); break;
     case 3: fn(std::integral_constant<int, 3>{}); break;
     case 2: fn(std::integral_constant<int, 2>{}); break;
@@ -805,8 +783,8 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       const int64_t jn = i0 + mr;  // P is zero past each row's own position
       for (int64_t d0 = 0; d0 < D; d0 += 64) {
         const int dv = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
-        with_rows4(mr, [&](auto R) {
-          with_dv(dv, [&](auto V) {
+        with_1to4(mr, [&](auto R) {
+          with_1to4(dv, [&](auto V) {
             pv_tile<decltype(R)::value, decltype(V)::value>(pr, vb, vsl, jn, d0, orow, inv + (i0 - r0));
           });
         });
