@@ -1,8 +1,8 @@
 """Prefill kernels side by side, on SmolLM2-135M's shapes, in one process:
 
-* the W8A8 linear: slimformer's one-call kernel (per-token quantization in one pass, PyTorch's
-  int8 GEMM ``torch._int_mm``, rescale + bias in one pass) vs the previous route through
-  fbgemm's ``quantized::linear_dynamic`` (row scaling around it as separate PyTorch ops) vs the
+* the W8A8 linear: slimformer's one-call kernel (per-token quantization in one pass, an int8
+  product -- ours up to 8 tokens, ``torch._int_mm`` beyond -- rescale + bias in one pass) vs
+  ``Int8Linear``'s fbgemm route (``quantized::linear_dynamic``, row scaling around it) vs the
   fp32 GEMM (MKL), over all 30 blocks' fused q/k/v, o, gate/up and down weights (distinct
   weights per block, so they stream from memory as in a real forward);
 * causal prefill attention: slimformer's kernel vs PyTorch's SDPA (its CPU flash kernel), 9
@@ -22,6 +22,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from slimformer.formats.linear import _fbgemm_per_token
 from slimformer.kernels import cpu_kernels
 
 # SmolLM2-135M: hidden 576, intermediate 1536, fused q/k/v (576 + 2 x 192) and gate/up
@@ -58,13 +59,9 @@ def linears(m: int, reps: int) -> dict:
         for x, _, codes, scale, _ in layers:
             kern.w8a8_linear(x, codes, scale, None, None)
 
-    def fbgemm():
+    def fbgemm():  # Int8Linear's fbgemm backend route
         for x, _, _, _, packed in layers:
-            if m == 1:
-                torch.ops.quantized.linear_dynamic(x, packed, False)
-            else:
-                amax = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)
-                torch.ops.quantized.linear_dynamic(x / amax, packed, False).mul_(amax)
+            _fbgemm_per_token(x, packed)
 
     def fp32():
         for x, w, _, _, _ in layers:

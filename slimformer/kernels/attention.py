@@ -30,17 +30,12 @@ from slimformer.kernels import cpu_kernels
 NAME = "slimformer-causal"
 
 
-def plain_causal_square(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
-                        dropout: float, is_causal: Optional[bool], module: Optional[nn.Module],
-                        **kwargs) -> bool:
-    """Whether the kernel computes exactly what SDPA would for these arguments."""
+def _kernel_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the kernel computes exactly what causal SDPA would for these tensors."""
     n = query.shape[2]
-    return (attention_mask is None and n > 1 and key.shape[2] == n and dropout == 0.0
-            and is_causal is not False and getattr(module, "is_causal", True)
+    return (n > 1 and key.shape[2] == n
             and query.dtype == key.dtype == value.dtype == torch.float32
             and query.shape[-1] % 16 == 0 and query.shape[1] % key.shape[1] == 0
-            and kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
-            and not kwargs.get("output_attentions", False)
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
             and not torch.compiler.is_compiling())
 
@@ -50,22 +45,9 @@ def kernel_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     """The kernel's ``[B, L, H, D]`` output for an unmasked causal square, or ``None`` when the
     kernel cannot take these tensors (no kernels, not fp32, autograd, compiling, odd head dim)."""
     kern = cpu_kernels()
-    if kern is None or not plain_causal_square(query, key, value, None, 0.0, True, None):
+    if kern is None or not _kernel_takes(query, key, value):
         return None
     return kern.causal_attention(query, key, value, float(scale))
-
-
-def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Causal attention over a square: query ``[B, H, L, D]``, key / value ``[B, Hkv, L, D]``
-    -> ``[B, L, H, D]``. The kernel when it builds, else SDPA (same result)."""
-    kern = cpu_kernels()
-    if kern is not None and query.shape[-1] % 16 == 0 and query.dtype == torch.float32:
-        return kern.causal_attention(query, key, value, float(scale))
-    g = query.shape[1] // key.shape[1]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key.repeat_interleave(g, 1), value.repeat_interleave(g, 1), is_causal=True, scale=scale)
-    return out.transpose(1, 2).contiguous()
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -74,11 +56,13 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     """transformers' attention-function signature: returns ``(output [B, L, H, D], None)``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    kern = cpu_kernels()
-    if kern is not None and plain_causal_square(query, key, value, attention_mask, dropout,
-                                                is_causal, module, **kwargs):
+    if (attention_mask is None and dropout == 0.0 and is_causal is not False
+            and getattr(module, "is_causal", True) and kwargs.get("softcap") is None
+            and kwargs.get("sliding_window") is None and not kwargs.get("output_attentions", False)):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return kern.causal_attention(query, key, value, float(scale)), None
+        out = kernel_causal_attention(query, key, value, scale)
+        if out is not None:
+            return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, is_causal=is_causal, **kwargs)
 

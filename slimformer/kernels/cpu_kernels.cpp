@@ -26,6 +26,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -421,6 +422,51 @@ void dequant_row(const int32_t* ar, const float* ws, float s, const float* b, in
   }
 }
 
+// The static clip 127 * act_scale (as float32, like torch's 127 * s), or +inf without one.
+float static_lim(const c10::optional<torch::Tensor>& act_scale, const char* what) {
+  if (act_scale.has_value() && act_scale->defined()) {
+    TORCH_CHECK(act_scale->numel() == 1, what, ": act_scale must hold one value");
+    return 127.f * act_scale->to(torch::kFloat32).item<float>();
+  }
+  return std::numeric_limits<float>::infinity();
+}
+
+// Every row of x [M, K] to int8 codes q [M, K] and its step s [M] (quantize_row, rows in parallel).
+std::pair<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x, float lim) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto s = torch::empty({M}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * K, K, lim, qp + m * K, sp + m);
+  });
+  return {q, s};
+}
+
+// y [M, N] = acc [M, N] rescaled by ws [N] and s [M], plus the bias [N] if any (dequant_row).
+torch::Tensor dequant_rows(const torch::Tensor& acc, const torch::Tensor& ws, const torch::Tensor& s,
+                           const c10::optional<torch::Tensor>& bias, const char* what) {
+  const int64_t M = acc.size(0), N = acc.size(1);
+  const float* bp = nullptr;
+  torch::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    bc = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(bc.numel() == N, what, ": bias must have one entry per output row");
+    bp = bc.data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, s.options());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* wsp = ws.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) dequant_row(ap + m * N, wsp, sp[m], bp, N, yp + m * N);
+  });
+  return y;
+}
+
 }  // namespace
 
 // W8A8 linear with per-token int8 activations (survey Eq. 5):
@@ -436,38 +482,8 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor wscale
   TORCH_CHECK(w.size(1) == x.size(1), "w8a8_linear: K mismatch (x ", x.size(1), ", w ", w.size(1), ")");
   TORCH_CHECK(wscale.scalar_type() == torch::kFloat32 && wscale.numel() == w.size(0),
               "w8a8_linear: wscale must be float32 with one entry per output row");
-  x = x.contiguous();
-  wscale = wscale.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const float* bp = nullptr;
-  torch::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    bc = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(bc.numel() == N, "w8a8_linear: bias must have one entry per output row");
-    bp = bc.data_ptr<float>();
-  }
-  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
-  auto s = torch::empty({M}, x.options());
-  const float* xp = x.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = s.data_ptr<float>();
-  float flim = std::numeric_limits<float>::infinity();
-  if (act_scale.has_value() && act_scale->defined()) {
-    TORCH_CHECK(act_scale->numel() == 1, "w8a8_linear: act_scale must hold one value");
-    flim = 127.f * act_scale->to(torch::kFloat32).item<float>();  // as float32, like torch's 127 * s
-  }
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * K, K, flim, qp + m * K, sp + m);
-  });
-  auto acc = int8_mm(q, w);  // [M, N] int32
-  auto y = torch::empty({M, N}, x.options());
-  const int32_t* ap = acc.data_ptr<int32_t>();
-  const float* wsp = wscale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) dequant_row(ap + m * N, wsp, sp[m], bp, N, yp + m * N);
-  });
-  return y;
+  auto [q, s] = quantize_rows(x.contiguous(), static_lim(act_scale, "w8a8_linear"));
+  return dequant_rows(int8_mm(q, w), wscale.contiguous(), s, bias, "w8a8_linear");
 }
 
 namespace {
@@ -498,14 +514,6 @@ inline __m512 silu_mul(__m512 g, __m512 u) {
 }
 #endif
 
-float static_lim(const c10::optional<torch::Tensor>& act_scale, const char* what) {
-  if (act_scale.has_value() && act_scale->defined()) {
-    TORCH_CHECK(act_scale->numel() == 1, what, ": act_scale must hold one value");
-    return 127.f * act_scale->to(torch::kFloat32).item<float>();
-  }
-  return std::numeric_limits<float>::infinity();
-}
-
 }  // namespace
 
 // A gated MLP in W8A8, one call: down(silu(gate(x)) * up(x)) with
@@ -526,28 +534,10 @@ torch::Tensor w8a8_gated_mlp(torch::Tensor x, torch::Tensor wgu, torch::Tensor s
   TORCH_CHECK(sgu.scalar_type() == torch::kFloat32 && sgu.numel() == wgu.size(0) &&
               sd.scalar_type() == torch::kFloat32 && sd.numel() == wd.size(0),
               "w8a8_gated_mlp: scales must be float32, one per output row");
-  x = x.contiguous();
   sgu = sgu.contiguous();
-  sd = sd.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), I = wd.size(1), H = wd.size(0);
-  const float lim_gu = static_lim(agu, "w8a8_gated_mlp"), lim_d = static_lim(ad, "w8a8_gated_mlp");
-  const float* bp = nullptr;
-  torch::Tensor bc;
-  if (bd.has_value() && bd->defined()) {
-    bc = bd->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(bc.numel() == H, "w8a8_gated_mlp: bias must have one entry per output row");
-    bp = bc.data_ptr<float>();
-  }
-  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
-  auto s = torch::empty({M}, x.options());
-  {
-    const float* xp = x.data_ptr<float>();
-    int8_t* qp = q.data_ptr<int8_t>();
-    float* sp = s.data_ptr<float>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * K, K, lim_gu, qp + m * K, sp + m);
-    });
-  }
+  const int64_t M = x.size(0), I = wd.size(1);
+  const float lim_d = static_lim(ad, "w8a8_gated_mlp");
+  auto [q, s] = quantize_rows(x.contiguous(), static_lim(agu, "w8a8_gated_mlp"));
   auto acc = int8_mm(q, wgu);  // [M, 2I] int32
   auto hq = torch::empty({M, I}, x.options().dtype(torch::kInt8));
   auto sh = torch::empty({M}, x.options());
@@ -573,18 +563,7 @@ torch::Tensor w8a8_gated_mlp(torch::Tensor x, torch::Tensor wgu, torch::Tensor s
       }
     });
   }
-  auto accd = int8_mm(hq, wd);  // [M, H] int32
-  auto y = torch::empty({M, H}, x.options());
-  {
-    const int32_t* ap = accd.data_ptr<int32_t>();
-    const float* wsp = sd.data_ptr<float>();
-    const float* shp = sh.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) dequant_row(ap + m * H, wsp, shp[m], bp, H, yp + m * H);
-    });
-  }
-  return y;
+  return dequant_rows(int8_mm(hq, wd), sd.contiguous(), sh, bd, "w8a8_gated_mlp");
 }
 
 // ============================================================================================
