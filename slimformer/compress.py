@@ -125,6 +125,12 @@ def compress(model: Any, recipe: Any, out_dir: Optional[str | os.PathLike] = Non
     if out is not None:
         check_output_dir(out, overwrite)
     lm, source = _load_model(model, stream)
+    head = rec.head
+    if head is not None and (lm.arch.kind != "causal-lm" or not lm.arch.head):
+        # one recipe serves decoders and encoders alike (w8a8 on MiniLM): nothing to do here
+        log.info("recipe.head: %s applies to causal LMs; '%s' is a %s model, skipped",
+                 head, lm.name, lm.arch.kind)
+        head = None
     planned = plan_stages(lm, rec.stages)  # every target resolves, before any weight work
     needs_data = any(needs_calibration(p, m) for p, m in planned)  # per module: overrides count
     samples = calibration_inputs(lm, cal) if needs_data else None
@@ -151,6 +157,10 @@ def compress(model: Any, recipe: Any, out_dir: Optional[str | os.PathLike] = Non
 
             fuse_int8_siblings(lm.model, lm.arch)  # same-input int8 linears: one GEMM, same bits
             fuse_int8_mlps(lm.model, lm.arch)  # a W8A8 gated MLP: one kernel call
+        if head is not None:  # outside the blocks: after the engine, before saving
+            from slimformer.quant.head import quantize_head
+
+            quantize_head(lm, head)
         if out is None:
             return lm
         if writer is not None:

@@ -15,13 +15,18 @@ A recipe file looks like::
 ``Recipe.from_yaml(text).to_yaml()`` is the canonical text (every field written, defaults
 included), and ``Recipe.from_yaml(r.to_yaml()) == r`` for every recipe. Named recipes ship
 in ``slimformer/recipes/<name>.yaml`` and are found by name (``load_recipe("w8a8")``).
+
+``head: int8`` (optional, causal LMs) quantizes the LM head after the stages: int8 weights with
+one scale per vocabulary row, fp32 activations (:func:`slimformer.quant.head.quantize_head`). A
+small model reads its vocabulary projection on every decode step; for SmolLM2 it is half the
+bytes a W8A8 step streams.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import yaml
 
@@ -33,6 +38,7 @@ RECIPE_VERSION = 1
 # "compress"); W8A8 is the one that makes the model faster at ~no quality cost
 # (benchmarks/RESULTS.md). Both are one word away: --recipe w8a8.
 DEFAULT_RECIPE = "w4-g64"
+HEAD_FORMATS = ("int8",)  # recipe.head values (see quant/head.py)
 
 
 @dataclass(frozen=True)
@@ -42,11 +48,15 @@ class Recipe:
     VERSION: ClassVar[int] = RECIPE_VERSION
     stages: tuple[StageConfig, ...]
     name: str = ""
+    head: Optional[str] = None  # LM head format after the stages (HEAD_FORMATS), None = as is
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages:
             raise ConfigError("recipe.stages: empty; allowed: a list of one or more stages")
+        if self.head is not None and self.head not in HEAD_FORMATS:
+            raise ConfigError(f"recipe.head: invalid value {self.head!r}; allowed: "
+                              f"{', '.join(HEAD_FORMATS)} or null")
         for i, s in enumerate(self.stages):
             if not isinstance(s, StageConfig):
                 raise ConfigError(f"recipe.stages[{i}]: not a stage config ({type(s).__name__})")
@@ -57,15 +67,17 @@ class Recipe:
         if self.name:
             d["name"] = self.name
         d["stages"] = [s.to_dict() for s in self.stages]
+        if self.head is not None:
+            d["head"] = self.head
         return d
 
     @classmethod
     def from_dict(cls, d: Any) -> "Recipe":
         if not isinstance(d, dict):
             raise ConfigError(f"recipe: must be a mapping with 'stages', got {type(d).__name__}")
-        unknown = sorted(set(d) - {"version", "name", "stages"})
+        unknown = sorted(set(d) - {"version", "name", "stages", "head"})
         if unknown:
-            raise ConfigError(f"recipe.{unknown[0]}: unknown field; allowed: version, name, stages")
+            raise ConfigError(f"recipe.{unknown[0]}: unknown field; allowed: version, name, stages, head")
         version = d.get("version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
             raise ConfigError(f"recipe.version: unsupported version {version!r}; allowed: {RECIPE_VERSION}")
@@ -81,7 +93,7 @@ class Recipe:
         name = d.get("name", "")
         if not isinstance(name, str):
             raise ConfigError(f"recipe.name: must be a string, got {name!r}")
-        return cls(stages=tuple(out), name=name)
+        return cls(stages=tuple(out), name=name, head=d.get("head"))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)

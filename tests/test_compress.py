@@ -234,3 +234,57 @@ def test_cli_compress_with_eval_table(tmp_path, capsys):
     after = res["after"]["tasks"]["wikitext2:quick"]["ppl"]
     assert 0 < before and abs(after / before - 1) < 0.05  # int8 barely moves a tiny model's PPL
     assert main(["compress", "--model", str(d), "--recipe", "w8a8", "--out", str(out)]) == 2  # exists
+
+
+HEAD_RECIPE = "version: 1\nstages: [{method: w8a8}]\nhead: int8"
+
+
+def test_int8_head_saves_reloads_and_keeps_the_embedding(tmp_path):
+    from slimformer.formats import QuantLinear
+
+    src = tiny_model("llama")
+    emb = src.model.model.embed_tokens.weight.detach().clone()
+    plain = slimformer.compress(tiny_model("llama"), "w8a8-plain", progress=False)
+    lm = slimformer.compress(tiny_model("llama"), HEAD_RECIPE, out_dir=tmp_path / "o", progress=False)
+    head = lm.model.lm_head
+    assert isinstance(head, QuantLinear) and head.spec.bits == 8 and head.spec.granularity == "channel"
+    assert head.nbytes() < emb.numel() * 4 / 3.5  # int8 codes + one scale per row
+    # the tied input embedding keeps its fp32 values; only the head is quantized
+    assert torch.equal(lm.model.model.embed_tokens.weight, emb)
+    assert lm.model.config.tie_word_embeddings is False
+    x = _ids()
+    y, y_plain = _logits(lm, x), _logits(plain, x)
+    assert not torch.equal(y, y_plain)
+    assert float((y - y_plain).abs().max() / y_plain.abs().max()) < 0.02  # weight-only int8: close
+    back = slimformer.load(tmp_path / "o")
+    assert isinstance(back.model.lm_head, QuantLinear)
+    assert torch.equal(back.model.model.embed_tokens.weight, emb)
+    assert torch.equal(_logits(back, x), y)
+    assert back.meta["recipe"]["head"] == "int8"
+
+
+def test_int8_head_streamed_equals_in_memory(tmp_path):
+    src = tiny_model("llama")
+    d = tmp_path / "hf"
+    src.model.save_pretrained(d, max_shard_size="100KB")
+    src.tokenizer.save_pretrained(d)
+    mem = slimformer.compress(tiny_model("llama"), HEAD_RECIPE, progress=False)
+    streamed = slimformer.compress(str(d), HEAD_RECIPE, out_dir=tmp_path / "s", stream=True, progress=False)
+    x = _ids()
+    assert torch.equal(_logits(streamed, x), _logits(mem, x))
+
+
+def test_int8_head_is_skipped_on_an_encoder_and_refused_on_a_quantized_head():
+    from slimformer.formats import QuantLinear
+    from slimformer.quant.head import quantize_head
+
+    lm = slimformer.compress(tiny_model("bert"), HEAD_RECIPE, progress=False)  # w8a8 still applies
+    assert not any(isinstance(m, QuantLinear) for m in lm.model.modules())
+    with pytest.raises(SlimformerError, match="causal LM"):
+        quantize_head(tiny_model("bert"), "int8")
+    dec = tiny_model("llama")
+    quantize_head(dec, "int8")
+    with pytest.raises(SlimformerError, match="not a plain nn.Linear"):
+        quantize_head(dec, "int8")
+    with pytest.raises(SlimformerError, match="unknown format"):
+        quantize_head(tiny_model("llama"), "int3")

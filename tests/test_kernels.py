@@ -54,6 +54,43 @@ def test_int4_kernel_matches_float64_reference(m, k, n, gs, asym, bf16):
 
 
 @needs_kernels
+@pytest.mark.parametrize("m,k,n,gs,signed,bf16", [
+    (1, 576, 200, None, True, False),  # the int8 LM head: one scale per row, signed codes
+    (3, 577, 100, 64, False, False),   # zero points, partial last group
+    (9, 70, 33, 16, True, True),       # a token block of 8 and one of 1, bf16 scales
+    (16, 1536, 17, 128, False, False),  # N smaller than a tile
+])
+def test_int8_weight_kernel_matches_float64_reference(m, k, n, gs, signed, bf16):
+    torch.manual_seed(k + n)
+    g = 1 if gs is None else -(-k // gs)
+    gw = k if gs is None else gs
+    u = torch.randint(0, 256, (n, k), dtype=torch.uint8)
+    s = torch.rand(n, g) * 0.01 + 1e-3
+    if bf16:
+        s = s.to(torch.bfloat16)
+    z = None if signed else torch.randint(0, 256, (n, g)).float()
+    zf = torch.full((n, g), 128.0) if signed else z
+    w = (u.double() - zf.double().repeat_interleave(gw, 1)[:, :k]) * s.double().repeat_interleave(gw, 1)[:, :k]
+    x = torch.randn(m, k)
+    ref = x.double() @ w.t()
+    y = K.int8w_linear(x, u, s, z, gw, 128.0 if signed else 0.0)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert _rel_err(y, ref) < 1e-5
+    assert torch.equal(torch.ops.slimformer.int8w_linear(x, u, s, z, gw, 128.0 if signed else 0.0), y)
+
+
+@needs_kernels
+def test_int8_weight_kernel_rejects_bad_shapes():
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="bytes per row"):
+        K.int8w_linear(x, torch.zeros(4, 63, dtype=torch.uint8), torch.ones(4, 1), None, 64, 128.0)
+    with pytest.raises(RuntimeError, match="groups do not match"):
+        K.int8w_linear(x, torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 3), None, 16, 128.0)
+    with pytest.raises(RuntimeError, match="scale rows"):
+        K.int8w_linear(x, torch.zeros(4, 64, dtype=torch.uint8), torch.ones(5, 1), None, 64, 128.0)
+
+
+@needs_kernels
 def test_int4_kernel_rejects_bad_shapes():
     x = torch.randn(1, 64)
     with pytest.raises(RuntimeError, match="bytes per row"):
@@ -76,7 +113,9 @@ def test_f32_kernel_matches_float64_reference(m, k, n):
 @needs_kernels
 @pytest.mark.parametrize("spec", [QuantSpec(bits=4, symmetric=True, group_size=64),
                                   QuantSpec(bits=4, symmetric=False, group_size=128),
-                                  QuantSpec(bits=4, symmetric=True, granularity="channel")])
+                                  QuantSpec(bits=4, symmetric=True, granularity="channel"),
+                                  QuantSpec(bits=8, symmetric=True, granularity="channel"),
+                                  QuantSpec(bits=8, symmetric=False, group_size=64)])
 def test_quant_linear_few_tokens_run_the_kernel_many_tokens_dequantize(spec):
     torch.manual_seed(0)
     w, b = torch.randn(100, 577) * 0.05, torch.randn(100)
@@ -91,9 +130,10 @@ def test_quant_linear_few_tokens_run_the_kernel_many_tokens_dequantize(spec):
     # the few-token route is the kernel itself: bit for bit
     x = torch.randn(3, 577)
     zero = None if lin.zero is None else lin.zero.float()
-    offset = 8.0 if spec.symmetric else 0.0
+    offset = float(1 << (spec.bits - 1)) if spec.symmetric else 0.0
     gs = spec.group_size if spec.granularity == "group" else 577
-    want = K.int4_linear(x, lin.qweight, lin.scale, None if zero is None else zero + offset, gs, offset)
+    kern = K.int4_linear if spec.bits == 4 else K.int8w_linear
+    want = kern(x, lin.qweight, lin.scale, None if zero is None else zero + offset, gs, offset)
     assert torch.equal(lin(x), want + b)
 
 

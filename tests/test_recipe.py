@@ -48,6 +48,9 @@ def test_named_recipes():
     # w8a8 = SmoothQuant then dynamic W8A8 (calibrated: the smoothing scales need activations)
     assert [s.METHOD for s in load_recipe("w8a8").stages] == ["smoothquant", "w8a8"]
     assert load_recipe("w8a8").needs_calibration
+    assert load_recipe("w8a8").head == "int8" and load_recipe("w8a8-plain").head is None
+    assert load_recipe("w4-g64-h8").stages == load_recipe("w4-g64").stages
+    assert load_recipe("w4-g64-h8").head == "int8" and load_recipe("w4-g64").head is None
 
 
 def test_override_applies_per_module():
@@ -94,3 +97,11 @@ def test_recipe_file(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text(MIXED)
     assert load_recipe(str(p)) == Recipe.from_yaml(MIXED)
+
+
+def test_head_field_round_trips_and_is_checked():
+    r = Recipe.from_yaml("version: 1\nstages: [{method: w8a8}]\nhead: int8")
+    assert r.head == "int8" and Recipe.from_yaml(r.to_yaml()) == r
+    assert "head" not in Recipe.from_yaml("version: 1\nstages: [{method: w8a8}]").to_dict()
+    with pytest.raises(ConfigError, match="recipe.head.*int8"):
+        Recipe.from_yaml("version: 1\nstages: [{method: w8a8}]\nhead: int3")

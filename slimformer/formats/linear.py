@@ -4,9 +4,10 @@ Two modules, chosen by what PyTorch's CPU kernels can do (measured, see
 ``benchmarks/bench_kernels.py`` and ``benchmarks/RESULTS.md`` "Kernels"):
 
 * :class:`QuantLinear` -- weight-only 2..8-bit int, NF4 or FP8, kept in the canonical packed
-  codes. Few-token inputs (decode, speculative verification) of 4-bit int weights run
-  slimformer's own int4 kernel (:mod:`slimformer.kernels`: the packed bytes are unpacked in
-  registers and multiplied into fp32 activations, ~7x faster than the fp32 GEMV it replaces);
+  codes. Few-token inputs (decode, speculative verification) of 4-bit and 8-bit int weights run
+  slimformer's own kernels (:mod:`slimformer.kernels`: the packed bytes are unpacked in
+  registers and multiplied into fp32 activations, ~7x faster than the fp32 GEMV it replaces
+  for int4; int8 is what an ``head: int8`` recipe stores the LM head as);
   many-token inputs (prefill) and every other scheme dequantize tile by tile and use the fp32
   GEMM. Without a C++ compiler, 4-bit weights whose scales are bfloat16-exact fall back to
   PyTorch's blocked int4 layout (``_convert_weight_to_int4pack_for_cpu``, bf16 activations).
@@ -227,21 +228,25 @@ class QuantLinear(nn.Module):
         return w[:, : n1 - n0]
 
     def kernel_fits(self) -> bool:
-        """Whether few-token inputs can run our int4 kernel on this module's packed codes."""
+        """Whether few-token inputs can run our int4 / int8 kernel on this module's packed codes."""
         s = self.spec
-        if not (self.backend == "dequant" and s.format == "int" and s.bits == 4
+        if not (self.backend == "dequant" and s.format == "int" and s.bits in (4, 8)
                 and s.granularity in ("group", "channel") and self.scale is not None
                 and self.scale.shape[0] == self.out_features):
             return False
         if self.zero is not None and self.zero.shape != self.scale.shape:
             return False
-        return self.scale.shape[1] == 1 or s.group_size % 2 == 0
+        return self.scale.shape[1] == 1 or s.bits == 8 or s.group_size % 2 == 0
+
+    def _kernel_name(self) -> str:
+        return "int4_linear" if self.spec.bits == 4 else "int8w_linear"
 
     def _kernel_args(self) -> Optional[tuple]:
-        """(qweight, scale, zero, group_size, zero_const) for our int4 kernel, or None."""
+        """(qweight, scale, zero, group_size, zero_const) for our int4 / int8 kernel, or None."""
         if not self.kernel_fits() or cpu_kernels() is None:
             return None
-        offset = 8.0 if self.spec.code_dtype == torch.int8 else 0.0  # signed codes stored + 8
+        # signed codes are stored + 2^(bits-1) (8 for int4, 128 for int8)
+        offset = float(1 << (self.spec.bits - 1)) if self.spec.code_dtype == torch.int8 else 0.0
         zero = None if self.zero is None else self.zero.to(torch.float32) + offset
         gs = self.spec.group_size if self.spec.granularity == "group" else self.in_features
         return (self.qweight, self.scale, zero, gs, offset)
@@ -263,15 +268,16 @@ class QuantLinear(nn.Module):
             if torch.compiler.is_compiling():  # the dispatcher op: traceable, registered in C++
                 kargs = self._kernel_args()
                 if kargs is not None:
-                    y = torch.ops.slimformer.int4_linear(x.reshape(-1, self.in_features), *kargs)
-                    return self._finish(y, x)
+                    op = getattr(torch.ops.slimformer, self._kernel_name())
+                    return self._finish(op(x.reshape(-1, self.in_features), *kargs), x)
             else:
                 k = cpu_kernels()  # None also when switched off (SLIMFORMER_NO_KERNELS) meanwhile
                 kargs = self.__dict__.get("_kargs", False)
                 if kargs is False and k is not None:
                     kargs = self.__dict__["_kargs"] = self._kernel_args()
                 if kargs and k is not None:
-                    return self._finish(k.int4_linear(x.reshape(-1, self.in_features), *kargs), x)
+                    fn = getattr(k, self._kernel_name())
+                    return self._finish(fn(x.reshape(-1, self.in_features), *kargs), x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32)  # [M, K]
         m = x2.shape[0]

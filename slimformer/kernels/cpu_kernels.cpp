@@ -13,6 +13,8 @@
 //   The codes are never expanded to a float matrix: 16 bytes (32 codes) become two vectors of
 //   16 floats that are multiplied into the even / odd columns of x (x is de-interleaved once per
 //   call). The per-group inner sums are exact float sums of products of small integers and x.
+// * int8w_linear: the same with 8-bit codes, one per byte (signed codes stored + 128 are read
+//   back exactly as byte ^ 0x80, so a symmetric row needs no zero-point term): an int8 LM head.
 // * f32_linear: plain fp32 rows, one sequential row stream per thread.
 //
 // The AVX-512 paths are used when the compiler targets AVX-512 (-march=native on such a CPU);
@@ -105,6 +107,30 @@ inline void unpack16(const uint8_t* w, __mmask16 mask, __m512& lo, __m512& hi) {
 }
 #endif
 
+// out[g] = sum of x[k] over group g (groups of gs columns, the last one partial).
+inline void group_sums(const float* xr, int64_t K, int64_t G, int64_t gs, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k1 = g == G - 1 ? K : std::min(K, (g + 1) * gs);
+    float sum = 0.f;
+    for (int64_t k = g * gs; k < k1; ++k) sum += xr[k];
+    out[g] = sum;
+  }
+}
+
+// Shape checks shared by the weight-only kernels; returns the float32 zero points (kept alive
+// in zc) or nullptr.
+const float* check_groups(const torch::Tensor& scale, const c10::optional<torch::Tensor>& zero,
+                          int64_t N, int64_t K, int64_t group_size, torch::Tensor& zc, const char* what) {
+  const int64_t G = scale.size(1);
+  TORCH_CHECK(scale.size(0) == N, what, ": scale rows ", scale.size(0), " != ", N);
+  TORCH_CHECK(G == (K + group_size - 1) / group_size || (G == 1 && group_size >= K),
+              what, ": ", G, " groups do not match K=", K, " and group size ", group_size);
+  if (!(zero.has_value() && zero->defined())) return nullptr;
+  zc = zero->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(zc.size(0) == N && zc.size(1) == G, what, ": zero must match scale's shape");
+  return zc.data_ptr<float>();
+}
+
 // One weight row n against MB token rows: returns sum_g s_g * (dot_g - z_g * xsum_g).
 template <int MB>
 inline void int4_row(const uint8_t* w, int64_t kb, int64_t groups, int64_t gbytes,
@@ -185,17 +211,9 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), kb = qweight.size(1);
   TORCH_CHECK(kb == (K + 1) / 2, "int4_linear: qweight has ", kb, " bytes per row, expected ", (K + 1) / 2);
   const int64_t G = scale.size(1);
-  TORCH_CHECK(scale.size(0) == N, "int4_linear: scale rows ", scale.size(0), " != ", N);
   TORCH_CHECK(G == 1 || group_size % 2 == 0, "int4_linear: group size must be even");
-  TORCH_CHECK(G == (K + group_size - 1) / group_size || (G == 1 && group_size >= K),
-              "int4_linear: ", G, " groups do not match K=", K, " and group size ", group_size);
-  const float* zp = nullptr;
   torch::Tensor zc;
-  if (zero.has_value() && zero->defined()) {
-    zc = zero->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(zc.size(0) == N && zc.size(1) == G, "int4_linear: zero must match scale's shape");
-    zp = zc.data_ptr<float>();
-  }
+  const float* zp = check_groups(scale, zero, N, K, group_size, zc, "int4_linear");
   const int64_t gs = G == 1 ? 2 * kb : group_size;
   const int64_t gbytes = gs / 2;
 
@@ -216,12 +234,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
       o[b] = xr[2 * b + 1];
     }
     if (K % 2) e[pairs] = xr[K - 1];  // o[pairs] stays 0: the padding nibble meets a zero
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t k1 = g == G - 1 ? K : std::min(K, (g + 1) * gs);
-      float sum = 0.f;
-      for (int64_t k = g * gs; k < k1; ++k) sum += xr[k];
-      xs[m * G + g] = sum;
-    }
+    group_sums(xr, K, G, gs, xs + m * G);
   }
   auto y = torch::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
@@ -240,6 +253,103 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
     }
     with_block(mb, [&](auto B) {
       int4_block<decltype(B)::value>(qp, t0, t1, kb, G, gbytes, xer, xor_, xsr, sc, zp, zf, yp, m0, N);
+    });
+  });
+  return y;
+}
+
+namespace {
+
+// One row of 8-bit codes u[n, :] (one per byte) against MB token rows, groups as in int4_row:
+// out[m] = sum_g s_g * (sum_{k in g} u[n, k] x[m, k] - z_g * xsum_g[m]). SIGNED: the bytes are
+// signed codes stored + 128, read back exactly as u ^ 0x80 (no zero-point term, so no
+// cancellation between two large sums).
+template <int MB, bool SIGNED>
+void int8w_block(const uint8_t* qw, int64_t n0, int64_t n1, int64_t K, int64_t groups, int64_t gs,
+                 const float* const* xr, const float* const* xs, ScaleView sc, const float* zero,
+                 float zconst, float* y, int64_t m0, int64_t N) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = qw + n * K;
+    float out[MB];
+    for (int m = 0; m < MB; ++m) out[m] = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
+      float dot[MB];
+#if SF_AVX512
+      __m512 ag[MB];
+      for (int m = 0; m < MB; ++m) ag[m] = _mm512_setzero_ps();
+      for (int64_t k = k0; k < k1; k += 16) {
+        const int64_t r = std::min<int64_t>(16, k1 - k);
+        const __mmask16 mask = r == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << r) - 1u);
+        const __m128i b = _mm_maskz_loadu_epi8(mask, w + k);
+        const __m512 wv = SIGNED ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_xor_si128(b, _mm_set1_epi8(-128))))
+                                 : _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+        for (int m = 0; m < MB; ++m) ag[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, xr[m] + k), ag[m]);
+      }
+      for (int m = 0; m < MB; ++m) dot[m] = _mm512_reduce_add_ps(ag[m]);
+#else
+      for (int m = 0; m < MB; ++m) {
+        float d = 0.f;
+        for (int64_t k = k0; k < k1; ++k) d += static_cast<float>(SIGNED ? w[k] - 128 : w[k]) * xr[m][k];
+        dot[m] = d;
+      }
+#endif
+      const float s = sc[n * groups + g];
+      if (SIGNED) {
+        for (int m = 0; m < MB; ++m) out[m] += s * dot[m];
+      } else {
+        const float z = zero ? zero[n * groups + g] : zconst;
+        for (int m = 0; m < MB; ++m) out[m] += s * (dot[m] - z * xs[m][g]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n] = out[m];
+  }
+}
+
+}  // namespace
+
+// x [M, K] f32; qweight [N, K] u8 (one code per byte; signed codes stored + 128, zero_const 128);
+// scale [N, G] f32|bf16; zero [N, G] f32 or empty -> [M, N]. The 8-bit twin of int4_linear
+// (an int8 LM head at decode: a quarter of the fp32 head's bytes).
+torch::Tensor int8w_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale,
+                           c10::optional<torch::Tensor> zero, int64_t group_size, double zconst) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "int8w_linear: x must be 2-D float32");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kUInt8, "int8w_linear: qweight must be 2-D uint8");
+  TORCH_CHECK(scale.dim() == 2 && (scale.scalar_type() == torch::kFloat32 || scale.scalar_type() == torch::kBFloat16),
+              "int8w_linear: scale must be 2-D float32 or bfloat16");
+  x = x.contiguous();
+  qweight = qweight.contiguous();
+  scale = scale.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == K, "int8w_linear: qweight has ", qweight.size(1), " bytes per row, expected ", K);
+  const int64_t G = scale.size(1);
+  torch::Tensor zc;
+  const float* zp = check_groups(scale, zero, N, K, group_size, zc, "int8w_linear");
+  const int64_t gs = G == 1 ? K : group_size;
+  thread_local std::vector<float> sums;  // per-group sums of x, only for zero points
+  sums.assign(static_cast<size_t>(M * G), 0.f);
+  const float* xp = x.data_ptr<float>();
+  if (!(zp == nullptr && zconst == 128.0))
+    for (int64_t m = 0; m < M; ++m) group_sums(xp + m * K, K, G, gs, sums.data() + m * G);
+  auto y = torch::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const uint8_t* qp = qweight.data_ptr<uint8_t>();
+  const ScaleView sc = scale_view(scale);
+  const float zf = static_cast<float>(zconst);
+  const bool is_signed = zp == nullptr && zf == 128.f;
+  const float* xsp = sums.data();  // the calling thread's buffer (thread_local: not in workers)
+  over_tiles(N, M, 16, [&](int64_t t0, int64_t t1, int64_t m0, int mb) {
+    const float* xr[kMaxTokenBlock];
+    const float* xsr[kMaxTokenBlock];
+    for (int i = 0; i < mb; ++i) {
+      xr[i] = xp + (m0 + i) * K;
+      xsr[i] = xsp + (m0 + i) * G;
+    }
+    with_block(mb, [&](auto B) {
+      if (is_signed)
+        int8w_block<decltype(B)::value, true>(qp, t0, t1, K, G, gs, xr, xsr, sc, zp, zf, yp, m0, N);
+      else
+        int8w_block<decltype(B)::value, false>(qp, t0, t1, K, G, gs, xr, xsr, sc, zp, zf, yp, m0, N);
     });
   });
   return y;
@@ -779,6 +889,7 @@ bool has_avx512() { return SF_AVX512 != 0; }
 // custom op would cost ~10 us of Python per call, more than a small layer's kernel.
 TORCH_LIBRARY_FRAGMENT(slimformer, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int group_size, float zero_const) -> Tensor");
+  m.def("int8w_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int group_size, float zero_const) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("w8a8_gated_mlp(Tensor x, Tensor wgu, Tensor sgu, Tensor? agu, Tensor wd, Tensor sd, Tensor? bd, Tensor? ad) -> Tensor");
@@ -787,6 +898,7 @@ TORCH_LIBRARY_FRAGMENT(slimformer, m) {
 
 TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
   m.impl("int4_linear", &int4_linear);
+  m.impl("int8w_linear", &int8w_linear);
   m.impl("f32_linear", &f32_linear);
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("causal_attention", &causal_attention);
@@ -796,6 +908,7 @@ TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
 // As plain Python functions: what eager code calls (no dispatcher on the per-step path).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "4-bit weight-only linear for few tokens");
+  m.def("int8w_linear", &int8w_linear, "8-bit weight-only linear for few tokens");
   m.def("f32_linear", &f32_linear, "fp32 linear for few tokens (no bias)");
   m.def("w8a8_linear", &w8a8_linear, "W8A8 linear: per-token int8 activations, int8 GEMM, rescale");
   m.def("causal_attention", &causal_attention, "causal prefill attention over a square prompt (GQA)");
