@@ -80,25 +80,19 @@ def test_int8_weight_kernel_matches_float64_reference(m, k, n, gs, signed, bf16)
 
 
 @needs_kernels
-def test_int8_weight_kernel_rejects_bad_shapes():
-    x = torch.randn(1, 64)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_only_kernels_reject_bad_shapes(bits):
+    fn, kb, zc = (K.int4_linear, 32, 8.0) if bits == 4 else (K.int8w_linear, 64, 128.0)
+    x, q = torch.randn(1, 64), torch.zeros(4, kb, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="bytes per row"):
-        K.int8w_linear(x, torch.zeros(4, 63, dtype=torch.uint8), torch.ones(4, 1), None, 64, 128.0)
+        fn(x, torch.zeros(4, kb - 1, dtype=torch.uint8), torch.ones(4, 1), None, 64, zc)
     with pytest.raises(RuntimeError, match="groups do not match"):
-        K.int8w_linear(x, torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 3), None, 16, 128.0)
+        fn(x, q, torch.ones(4, 3), None, 16, zc)
     with pytest.raises(RuntimeError, match="scale rows"):
-        K.int8w_linear(x, torch.zeros(4, 64, dtype=torch.uint8), torch.ones(5, 1), None, 64, 128.0)
-
-
-@needs_kernels
-def test_int4_kernel_rejects_bad_shapes():
-    x = torch.randn(1, 64)
-    with pytest.raises(RuntimeError, match="bytes per row"):
-        K.int4_linear(x, torch.zeros(4, 31, dtype=torch.uint8), torch.ones(4, 1), None, 64, 8.0)
-    with pytest.raises(RuntimeError, match="groups do not match"):
-        K.int4_linear(x, torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 3), None, 16, 8.0)
-    with pytest.raises(RuntimeError, match="even"):
-        K.int4_linear(x, torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 2), None, 33, 8.0)
+        fn(x, q, torch.ones(5, 1), None, 64, zc)
+    if bits == 4:  # two codes per byte: a group must not split a byte
+        with pytest.raises(RuntimeError, match="even"):
+            fn(x, q, torch.ones(4, 2), None, 33, zc)
 
 
 @needs_kernels

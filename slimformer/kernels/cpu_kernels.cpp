@@ -117,6 +117,15 @@ inline void group_sums(const float* xr, int64_t K, int64_t G, int64_t gs, float*
   }
 }
 
+// Argument types shared by the weight-only kernels.
+void check_weight_only_types(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
+                             const char* what) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, what, ": x must be 2-D float32");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kUInt8, what, ": qweight must be 2-D uint8");
+  TORCH_CHECK(scale.dim() == 2 && (scale.scalar_type() == torch::kFloat32 || scale.scalar_type() == torch::kBFloat16),
+              what, ": scale must be 2-D float32 or bfloat16");
+}
+
 // Shape checks shared by the weight-only kernels; returns the float32 zero points (kept alive
 // in zc) or nullptr.
 const float* check_groups(const torch::Tensor& scale, const c10::optional<torch::Tensor>& zero,
@@ -201,10 +210,7 @@ void int4_block(const uint8_t* qw, int64_t n0, int64_t n1, int64_t kb, int64_t g
 // x [M, K] f32; qweight [N, ceil(K/2)] u8; scale [N, G] f32|bf16; zero [N, G] f32 or empty.
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale,
                           c10::optional<torch::Tensor> zero, int64_t group_size, double zconst) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "int4_linear: x must be 2-D float32");
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kUInt8, "int4_linear: qweight must be 2-D uint8");
-  TORCH_CHECK(scale.dim() == 2 && (scale.scalar_type() == torch::kFloat32 || scale.scalar_type() == torch::kBFloat16),
-              "int4_linear: scale must be 2-D float32 or bfloat16");
+  check_weight_only_types(x, qweight, scale, "int4_linear");
   x = x.contiguous();
   qweight = qweight.contiguous();
   scale = scale.contiguous();
@@ -313,10 +319,7 @@ void int8w_block(const uint8_t* qw, int64_t n0, int64_t n1, int64_t K, int64_t g
 // (an int8 LM head at decode: a quarter of the fp32 head's bytes).
 torch::Tensor int8w_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale,
                            c10::optional<torch::Tensor> zero, int64_t group_size, double zconst) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "int8w_linear: x must be 2-D float32");
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kUInt8, "int8w_linear: qweight must be 2-D uint8");
-  TORCH_CHECK(scale.dim() == 2 && (scale.scalar_type() == torch::kFloat32 || scale.scalar_type() == torch::kBFloat16),
-              "int8w_linear: scale must be 2-D float32 or bfloat16");
+  check_weight_only_types(x, qweight, scale, "int8w_linear");
   x = x.contiguous();
   qweight = qweight.contiguous();
   scale = scale.contiguous();
