@@ -262,3 +262,24 @@ def test_weight_bytes_per_token_counts_packed_int8_weights():
     qhead = q.model.lm_head.nbytes()
     assert head / 4 < qhead < 0.3 * head
     assert qhead + 0.2 * blocks < quant < qhead + 0.45 * blocks
+
+
+@pytest.mark.parametrize("heads,kv_heads,q", [(9, 3, 1), (9, 3, 5), (4, 4, 3), (8, 2, 1)])
+def test_grouped_attention_folds_query_groups_exactly(heads, kv_heads, q):
+    """Folding the query heads that share a KV head into its query rows computes exactly
+    SDPA's grouped-query attention, with and without a per-row mask."""
+    import torch.nn.functional as F
+
+    from slimformer.decoding.runner import grouped_attention
+
+    g = torch.Generator().manual_seed(heads * 10 + q)
+    qs = torch.randn(2, heads, q, 16, generator=g)
+    k, v = torch.randn(2, kv_heads, 12, 16, generator=g), torch.randn(2, kv_heads, 12, 16, generator=g)
+    mask = torch.rand(2, 1, q, 12, generator=g) > 0.4
+    mask[..., 0] = True
+    for m in (mask, None):
+        want = F.scaled_dot_product_attention(qs, k, v, attn_mask=m, scale=0.3,
+                                              enable_gqa=heads != kv_heads).transpose(1, 2)
+        got = grouped_attention(qs, k, v, m, False, 0.3)
+        assert got.shape == (2, q, heads, 16)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -208,10 +208,7 @@ class CausalRunner:
         if layout.is_causal and layout.mask is None:  # unpadded prompt, empty cache: a square
             a = kernel_causal_attention(qs, K, V, self.scales[i])  # [B, q, H, D] or None
         if a is None:
-            a = F.scaled_dot_product_attention(
-                qs, K, V, attn_mask=layout.mask, is_causal=layout.is_causal, scale=self.scales[i],
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            ).transpose(1, 2)  # [B, q, H, D]
+            a = grouped_attention(qs, K, V, layout.mask, layout.is_causal, self.scales[i])  # [B, q, H, D]
         if cache.attn_observer is not None:  # e.g. heavy-hitter KV eviction scores
             cache.attn_observer(i, qs, K, layout, self.scales[i])
         a = few_token_linear(blk.o, a.reshape(B, q, self.num_heads * self.head_dim))
@@ -230,6 +227,27 @@ class CausalRunner:
         cache.start = start.clone()
         cache.length = torch.zeros_like(start)
         return self.forward(ids, cache, last_only=last_only)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                      is_causal: bool, scale: float) -> torch.Tensor:
+    """SDPA of ``q`` [B, H, q, D] over ``k``/``v`` [B, Hkv, T, D] -> [B, q, H, D].
+
+    With grouped-query attention (H = g * Hkv) and a few queries, the g query heads that share
+    a KV head are folded into one head's query rows ([B, Hkv, g * q, D], the mask repeated per
+    group), so every KV head is read once and no KV copy is made. ``enable_gqa`` computes the
+    same, but compiled decode steps lowered it to a repeat of K/V over the whole cache: ~6x the
+    attention time of a one-token step. A causal square (prefill) keeps ``enable_gqa``."""
+    B, H, qn, D = q.shape
+    hkv = k.shape[1]
+    g = H // hkv
+    if g == 1 or is_causal:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=g > 1).transpose(1, 2)
+    qf = q.reshape(B, hkv, g * qn, D)  # head h = kv * g + j: rows (j, i) of KV head kv
+    m = None if mask is None else mask.repeat(1, 1, g, 1)  # row j * qn + i sees what query i sees
+    a = F.scaled_dot_product_attention(qf, k, v, attn_mask=m, scale=scale)  # [B, Hkv, g * qn, D]
+    return a.view(B, H, qn, D).transpose(1, 2)
 
 
 def _max_positions(cfg) -> Optional[int]:
