@@ -36,7 +36,8 @@ DEFAULT_CONFIGS = "evit:0.85,tome-rate:0.05,evit:0.7"
 
 def parse_config(spec: str):
     """``evit:0.7`` / ``evit-mean:0.7`` / ``evit-drop:0.7`` / ``evit-pool:0.7`` / ``tome:4`` (r)
-    / ``tome-rate:0.1`` (merge_rate) -> TokenPruningConfig."""
+    / ``tome-rate:0.1`` (merge_rate) -> TokenPruningConfig. ``evit:0.9/0.5/0.55/0.55/0.5/1``:
+    one keep rate per block (the last must be 1)."""
     from slimformer.prune.tokens import TokenPruningConfig
 
     name, _, val = spec.partition(":")
@@ -44,7 +45,7 @@ def parse_config(spec: str):
         return TokenPruningConfig(method="tome", r=int(val))
     if name == "tome-rate":
         return TokenPruningConfig(method="tome", merge_rate=float(val))
-    kw = {"keep_rate": float(val)}
+    kw = {"keep_rate": tuple(float(v) for v in val.split("/")) if "/" in val else float(val)}
     if name == "evit-mean":
         kw["score"] = "mean"
     elif name == "evit-drop":
