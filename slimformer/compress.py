@@ -23,6 +23,7 @@ import torch
 from slimformer.engine.runner import EngineOptions, needs_calibration, plan_stages, run
 from slimformer.engine.stage import check_bool, check_int_range
 from slimformer.errors import ConfigError, SlimformerError
+from slimformer.quant.head import has_lm_head, quantize_head
 from slimformer.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def compress(model: Any, recipe: Any, out_dir: Optional[str | os.PathLike] = Non
         check_output_dir(out, overwrite)
     lm, source = _load_model(model, stream)
     head = rec.head
-    if head is not None and (lm.arch.kind != "causal-lm" or not lm.arch.head):
+    if head is not None and not has_lm_head(lm):
         # one recipe serves decoders and encoders alike (w8a8 on MiniLM): nothing to do here
         log.info("recipe.head: %s applies to causal LMs; '%s' is a %s model, skipped",
                  head, lm.name, lm.arch.kind)
@@ -158,8 +159,6 @@ def compress(model: Any, recipe: Any, out_dir: Optional[str | os.PathLike] = Non
             fuse_int8_siblings(lm.model, lm.arch)  # same-input int8 linears: one GEMM, same bits
             fuse_int8_mlps(lm.model, lm.arch)  # a W8A8 gated MLP: one kernel call
         if head is not None:  # outside the blocks: after the engine, before saving
-            from slimformer.quant.head import quantize_head
-
             quantize_head(lm, head)
         if out is None:
             return lm

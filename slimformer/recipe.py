@@ -38,7 +38,6 @@ RECIPE_VERSION = 1
 # "compress"); W8A8 is the one that makes the model faster at ~no quality cost
 # (benchmarks/RESULTS.md). Both are one word away: --recipe w8a8.
 DEFAULT_RECIPE = "w4-g64"
-HEAD_FORMATS = ("int8",)  # recipe.head values (see quant/head.py)
 
 
 @dataclass(frozen=True)
@@ -48,12 +47,14 @@ class Recipe:
     VERSION: ClassVar[int] = RECIPE_VERSION
     stages: tuple[StageConfig, ...]
     name: str = ""
-    head: Optional[str] = None  # LM head format after the stages (HEAD_FORMATS), None = as is
+    head: Optional[str] = None  # LM head format after the stages (quant.head.FORMATS), None = as is
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages:
             raise ConfigError("recipe.stages: empty; allowed: a list of one or more stages")
+        from slimformer.quant.head import FORMATS as HEAD_FORMATS
+
         if self.head is not None and self.head not in HEAD_FORMATS:
             raise ConfigError(f"recipe.head: invalid value {self.head!r}; allowed: "
                               f"{', '.join(HEAD_FORMATS)} or null")

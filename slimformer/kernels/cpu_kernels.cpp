@@ -329,17 +329,17 @@ torch::Tensor int8w_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
   torch::Tensor zc;
   const float* zp = check_groups(scale, zero, N, K, group_size, zc, "int8w_linear");
   const int64_t gs = G == 1 ? K : group_size;
+  const float zf = static_cast<float>(zconst);
+  const bool is_signed = zp == nullptr && zf == 128.f;  // symmetric codes stored + 128
   thread_local std::vector<float> sums;  // per-group sums of x, only for zero points
   sums.assign(static_cast<size_t>(M * G), 0.f);
   const float* xp = x.data_ptr<float>();
-  if (!(zp == nullptr && zconst == 128.0))
+  if (!is_signed)
     for (int64_t m = 0; m < M; ++m) group_sums(xp + m * K, K, G, gs, sums.data() + m * G);
   auto y = torch::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
   const ScaleView sc = scale_view(scale);
-  const float zf = static_cast<float>(zconst);
-  const bool is_signed = zp == nullptr && zf == 128.f;
   const float* xsp = sums.data();  // the calling thread's buffer (thread_local: not in workers)
   over_tiles(N, M, 16, [&](int64_t t0, int64_t t1, int64_t m0, int mb) {
     const float* xr[kMaxTokenBlock];

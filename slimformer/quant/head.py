@@ -15,22 +15,29 @@ from __future__ import annotations
 import torch.nn as nn
 
 from slimformer.errors import SlimformerError
+from slimformer.quant.config import RTNConfig
 
-FORMATS = {"int8": dict(bits=8, symmetric=True, granularity="channel")}
+# what recipe.head accepts -> how the head is quantized (int8: one symmetric scale per
+# vocabulary row, by the same RTN the stages use)
+FORMATS = {"int8": RTNConfig(bits=8, group_size=None, symmetric=True)}
+
+
+def has_lm_head(lm) -> bool:
+    """Whether ``lm`` is a causal LM with an LM head the ``head`` field can act on."""
+    return lm.arch.kind == "causal-lm" and bool(lm.arch.head)
 
 
 def quantize_head(lm, fmt: str) -> nn.Module:
     """Replace ``lm``'s LM head (found through the architecture registry) by its ``fmt``
     quantized copy; returns the new module. The model must be a causal LM whose head is still
     a plain ``nn.Linear``."""
-    from slimformer.formats import QuantLinear
     from slimformer.models.registry import get_module, set_module
-    from slimformer.primitives.affine import QuantSpec, quantize
+    from slimformer.quant.rtn import rtn_linear
 
     if fmt not in FORMATS:
         raise SlimformerError(f"head: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
     spec = lm.arch
-    if spec.kind != "causal-lm" or not spec.head:
+    if not has_lm_head(lm):
         raise SlimformerError(f"head: {fmt} needs a causal LM with an LM head; '{lm.name}' is a "
                               f"{spec.kind} model ({spec.name})")
     name = spec.resolve(lm.model, spec.head)
@@ -38,11 +45,10 @@ def quantize_head(lm, fmt: str) -> nn.Module:
     if type(head) is not nn.Linear:
         raise SlimformerError(f"head: '{name}' is a {type(head).__name__}, not a plain nn.Linear "
                               "(already quantized?)")
-    qt = quantize(head.weight.detach().float(), QuantSpec(**FORMATS[fmt]))
-    new = QuantLinear.from_quantized(qt, head.bias)
+    new = rtn_linear(head, FORMATS[fmt])
     set_module(lm.model, name, new)  # a tied embedding keeps the fp32 tensor it shares
-    for cfg in {id(c): c for c in (lm.model.config, getattr(lm.model.config, "get_text_config", lambda: None)())
-                if c is not None}.values():
-        if getattr(cfg, "tie_word_embeddings", False):
-            cfg.tie_word_embeddings = False
+    cfg = lm.model.config
+    for c in (cfg, cfg.get_text_config()):
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
     return new
