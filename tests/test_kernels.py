@@ -336,6 +336,123 @@ def test_causal_attention_kernel_rejects_bad_shapes():
         K.causal_attention(q, k, v, 0.25)
 
 
+def _masked_sdpa(q, k, v, mask, scale):
+    g = q.shape[1] // k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,h,hk,lq,lk,d,mask", [
+    (3, 12, 12, 21, 21, 32, "keys"),   # MiniLM-like batch: a padding mask shared by the queries
+    (2, 6, 2, 40, 40, 64, "full"),     # GQA, a float bias per query row, key tiles with tails
+    (2, 4, 4, 5, 37, 16, "none"),      # fewer queries than keys, no mask
+    (1, 2, 1, 70, 9, 32, "bool"),      # a bool mask (True = attend), several row blocks
+])
+def test_masked_attention_kernel_matches_sdpa(b, h, hk, lq, lk, d, mask):
+    q, _, _ = _qkv(b, h, hk, lq, d, seed=lq + d)
+    g = torch.Generator().manual_seed(lk)
+    k, v = torch.randn(b, hk, lk, d, generator=g), torch.randn(b, hk, lk, d, generator=g)
+    m = None
+    if mask == "keys":
+        m = torch.zeros(b, 1, 1, lk)
+        m[0, ..., -4:] = torch.finfo(torch.float32).min
+        m[1, ..., :3] = 0.7  # proportional attention adds log(size)
+    elif mask == "full":
+        m = torch.randn(b, 1, lq, lk, generator=g)
+    elif mask == "bool":
+        m = torch.rand(b, 1, lq, lk, generator=g) > 0.3
+        m[..., 0] = True  # every row sees a key
+    bias = m
+    if mask == "bool":
+        bias = torch.zeros(m.shape).masked_fill_(~m, float("-inf"))
+    out = K.masked_attention(q, k, v, bias, d ** -0.5)
+    assert out.shape == (b, lq, h, d) and out.is_contiguous()
+    torch.testing.assert_close(out, _masked_sdpa(q, k, v, m, d ** -0.5), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_masked_attention_kernel_zero_for_rows_without_keys_and_rejects_bad_bias():
+    q, k, v = _qkv(2, 4, 2, 6, 16)
+    bias = torch.zeros(2, 1, 6, 6)
+    bias[1, :, 2] = float("-inf")  # query 2 of row 1 sees nothing
+    out = K.masked_attention(q, k, v, bias, 0.25)
+    assert torch.equal(out[1, 2], torch.zeros(4, 16))
+    assert torch.isfinite(out).all()
+    with pytest.raises(RuntimeError, match="bias must be"):
+        K.masked_attention(q, k, v, torch.zeros(2, 4, 6, 6), 0.25)  # one per head
+    with pytest.raises(RuntimeError, match="float32"):
+        K.masked_attention(q, k, v, torch.zeros(2, 1, 1, 6, dtype=torch.float64), 0.25)
+
+
+@needs_kernels
+@pytest.mark.parametrize("q,start,length", [(1, [0], [40]), (9, [0, 5], [40, 33]), (4, [3, 0], [0, 0])])
+def test_decode_attention_kernel_matches_grouped_sdpa(q, start, length):
+    """Decode / verify steps over the static cache (GQA, left padding, rows at different
+    lengths): the kernel equals the SDPA path it replaces to float rounding."""
+    from slimformer.decoding.cache import StaticKVCache, step_layout
+    from slimformer.decoding.runner import grouped_attention
+    from slimformer.kernels.attention import attention_bias, kernel_decode_attention
+
+    B = len(start)
+    cache = StaticKVCache.allocate(1, B, 3, 64, 64, torch.float32)
+    cache.start, cache.length = torch.tensor(start), torch.tensor(length)
+    layout = step_layout(cache, q)
+    g = torch.Generator().manual_seed(q)
+    qs = torch.randn(B, 9, q, 64, generator=g)
+    K = torch.randn(B, 3, layout.kv_len, 64, generator=g)
+    V = torch.randn(B, 3, layout.kv_len, 64, generator=g)
+    got = kernel_decode_attention(qs, K, V, attention_bias(layout.mask), 0.125)
+    want = grouped_attention(qs, K, V, layout.mask, False, 0.125)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_encoders_get_the_attention_and_match_sdpa_on_padded_batches():
+    """A loaded (here tiny) encoder routes its attention through the masked kernel for a padded
+    batch, with SDPA's outputs to float rounding; training still takes SDPA."""
+    from slimformer.kernels import attention as attn
+
+    lm = tiny_model("bert")
+    assert attn.installed(lm.model)
+    ref = copy.deepcopy(lm.model)
+    ref.config._attn_implementation = "sdpa"
+    for sub in ref.modules():
+        c = getattr(sub, "config", None)
+        if c is not None:
+            c._attn_implementation = "sdpa"
+    ids = torch.randint(5, 200, (3, 17))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 3:] = 0
+    calls = []
+    real = attn.cpu_kernels
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(real(), name)
+            if name == "masked_attention":
+                return lambda *a: calls.append(a[0].shape) or fn(*a)
+            return fn
+
+    with torch.inference_mode():
+        attn.cpu_kernels = (lambda: Spy()) if real() is not None else real
+        try:
+            got = lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        finally:
+            attn.cpu_kernels = real
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
+    if K is not None:
+        assert len(calls) == lm.model.config.num_hidden_layers
+    with torch.inference_mode():  # uninstall: stock SDPA again, SDPA's exact numbers
+        assert not attn.installed(attn.uninstall(lm.model))
+        assert torch.equal(lm.model(input_ids=ids, attention_mask=mask).last_hidden_state, want)
+    lm.model.train()
+    lm.model(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
+
+
 def test_installed_attention_matches_sdpa_and_falls_back_where_it_must():
     """On a model: an unpadded prompt takes the kernel (logits as SDPA's to float rounding);
     a padded batch, cached decode steps and training take SDPA, with SDPA's exact numbers."""

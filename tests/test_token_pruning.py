@@ -230,6 +230,45 @@ def test_embed_pools_with_token_sizes_and_remove_restores():
     torch.testing.assert_close(embed(lm, SENTS, batch_size=2), ref)
 
 
+@pytest.mark.parametrize("cfg", [
+    TokenPruningConfig(keep_rate=0.6),
+    TokenPruningConfig(keep_rate=0.5, dropped="drop"),
+    TokenPruningConfig(keep_rate=0.5, dropped="pool"),
+    TokenPruningConfig(keep_rate=[0.4, 1.0], proportional_attention=False),
+    TokenPruningConfig(keep_rate=0.6, protect_first=False),
+])
+def test_evit_kernel_reduction_equals_the_pytorch_functions(cfg):
+    """The one-call C++ reduction (inference) keeps, fuses and pools the same tokens as
+    evit_keep / fuse_tokens / compact (what training runs through): same sizes exactly, same
+    hidden states on every present token to float rounding."""
+    from slimformer.kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("no C++ compiler: the reduction runs the PyTorch functions anyway")
+    lm = tiny_model("bert")
+    ids, mask = _batch(lm)
+    m = apply_token_pruning(dataclasses.replace(lm), cfg).model
+    calls = []
+    real = TokenPrunedEncoder._kernel_reduce
+    with torch.inference_mode():
+        TokenPrunedEncoder._kernel_reduce = lambda *a: calls.append(1) or real(*a)
+        try:
+            fast = m(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        finally:
+            TokenPrunedEncoder._kernel_reduce = lambda *a: None
+        try:
+            ref = m(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        finally:
+            TokenPrunedEncoder._kernel_reduce = real
+    assert len(calls) == sum(a is not None for a in m.plan) > 0
+    assert torch.equal(fast.token_weights, ref.token_weights)
+    for a, b in zip(fast.hidden_states, ref.hidden_states):
+        assert a.shape == b.shape
+    present = (fast.token_weights > 0)[..., None]
+    torch.testing.assert_close(fast.last_hidden_state * present, ref.last_hidden_state * present,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_rejects_causal_lm():
     lm = tiny_model("llama")
     with pytest.raises(Exception, match="encoder"):

@@ -94,7 +94,11 @@ class ModelDraft:
     def propose(self, seq, n, k, sampling, generator) -> Proposal:
         B = seq.shape[0]
         toks, probs = [], []
-        logits = feed_pending(self.runner, self.cache, seq, n)[:, -1]  # [B, V]
+        if int((n - self.cache.length).max()) == 1:  # one pending token (after a rejection): a
+            self.cache.length = n - 1  # one-token step, compiled when the runner compiles
+            logits = self.runner.forward(seq.gather(1, (n - 1)[:, None]), self.cache)[:, -1]
+        else:
+            logits = feed_pending(self.runner, self.cache, seq, n)[:, -1]  # [B, V]
         for j in range(k):
             if sampling.greedy:
                 t = logits.argmax(-1)

@@ -1,6 +1,8 @@
 // slimformer CPU kernels: few-token (decode / speculative-verify) linear layers; the W8A8
 // linear and gated MLP (per-token quantization and rescaling around an int8 product: ours for a
-// few tokens, PyTorch's int8 GEMM for many); causal prefill attention (see the sections below).
+// few tokens, PyTorch's int8 GEMM for many); attention (causal prefill squares, and
+// bidirectional / few-query attention under an additive mask: encoders, decode steps); EViT's
+// token reduction between encoder blocks (see the sections below).
 //
 // The few-token kernels compute y[m, n] = sum_k W[n, k] x[m, k] for small M (a handful of tokens), where
 // a decode step is bound by how fast the weight bytes stream from memory: each weight row is
@@ -362,35 +364,75 @@ namespace {
 
 // Rows n0..n1 of W [N, K] against MB token rows of x [M, K], one weight row at a time: the
 // weights are then read as one sequential stream, which the hardware prefetcher follows best
-// (measured: 22 GB/s on one thread vs 13-16 GB/s for 4 or 8 interleaved row streams).
+// (measured: 22 GB/s on one thread vs 13-16 GB/s for 4 or 8 interleaved row streams). From 4
+// token rows on (a verify step), two weight rows share each load of x: the loop is then bound
+// by loads (MB + 1 per MB multiply-adds for one row, MB + 2 per 2 MB for two), not bandwidth.
+template <int MB>
+inline void f32_rows1(const float* wr, const float* const* xr, int64_t K, float* y, int64_t ldy) {
+#if SF_AVX512
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 wv = _mm512_loadu_ps(wr + k);
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr[m] + k), acc[m]);
+  }
+  if (k < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __m512 wv = _mm512_maskz_loadu_ps(mask, wr + k);
+    for (int m = 0; m < MB; ++m)
+      acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, xr[m] + k), acc[m]);
+  }
+  for (int m = 0; m < MB; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]);
+#else
+  for (int m = 0; m < MB; ++m) {
+    float a = 0.f;
+    for (int64_t k = 0; k < K; ++k) a += wr[k] * xr[m][k];
+    y[m * ldy] = a;
+  }
+#endif
+}
+
+#if SF_AVX512
+template <int MB>
+inline void f32_rows2(const float* wr, const float* const* xr, int64_t K, float* y, int64_t ldy) {
+  const float* wr2 = wr + K;
+  __m512 a0[MB], a1[MB];
+  for (int m = 0; m < MB; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 w0 = _mm512_loadu_ps(wr + k), w1 = _mm512_loadu_ps(wr2 + k);
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_loadu_ps(xr[m] + k);
+      a0[m] = _mm512_fmadd_ps(w0, xv, a0[m]);
+      a1[m] = _mm512_fmadd_ps(w1, xv, a1[m]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __m512 w0 = _mm512_maskz_loadu_ps(mask, wr + k), w1 = _mm512_maskz_loadu_ps(mask, wr2 + k);
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, xr[m] + k);
+      a0[m] = _mm512_fmadd_ps(w0, xv, a0[m]);
+      a1[m] = _mm512_fmadd_ps(w1, xv, a1[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    y[m * ldy] = _mm512_reduce_add_ps(a0[m]);
+    y[m * ldy + 1] = _mm512_reduce_add_ps(a1[m]);
+  }
+}
+#endif
+
 template <int MB>
 void f32_block(const float* w, const float* const* xr, int64_t K, int64_t n0, int64_t n1,
                float* y, int64_t m0, int64_t N) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* wr = w + n * K;
+  int64_t n = n0;
 #if SF_AVX512
-    __m512 acc[MB];
-    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      const __m512 wv = _mm512_loadu_ps(wr + k);
-      for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr[m] + k), acc[m]);
-    }
-    if (k < K) {
-      const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
-      const __m512 wv = _mm512_maskz_loadu_ps(mask, wr + k);
-      for (int m = 0; m < MB; ++m)
-        acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, xr[m] + k), acc[m]);
-    }
-    for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n] = _mm512_reduce_add_ps(acc[m]);
-#else
-    for (int m = 0; m < MB; ++m) {
-      float a = 0.f;
-      for (int64_t k = 0; k < K; ++k) a += wr[k] * xr[m][k];
-      y[(m0 + m) * N + n] = a;
-    }
+  if (MB >= 4)
+    for (; n + 2 <= n1; n += 2) f32_rows2<MB>(w + n * K, xr, K, y + m0 * N + n, N);
 #endif
-  }
+  for (; n < n1; ++n) f32_rows1<MB>(w + n * K, xr, K, y + m0 * N + n, N);
 }
 
 }  // namespace
@@ -680,8 +722,9 @@ torch::Tensor w8a8_gated_mlp(torch::Tensor x, torch::Tensor wgu, torch::Tensor s
 }
 
 // ============================================================================================
-// Causal prefill attention: softmax(q k^T * scale + causal mask) v for a square prompt, GQA.
+// Attention: softmax(q k^T * scale + causal mask | additive bias) v, GQA read in place.
 //
+// Causal prefill (a square prompt):
 // PyTorch's CPU flash kernel splits a 512-token prompt into query tiles against ONE 512-key
 // tile, so a causal prompt pays for the whole square and masks half of it away. Here each task
 // is (batch, head, block of kAttnRows query rows) and computes only the keys up to its last row:
@@ -689,6 +732,11 @@ torch::Tensor w8a8_gated_mlp(torch::Tensor x, torch::Tensor wgu, torch::Tensor s
 // key tile is two contiguous vector loads per d), the softmax runs in place on that row block,
 // and P V runs 4 rows x 64 values at a time. Tasks are handed out largest first, dynamically.
 // fp32 throughout: the same sums as SDPA in another order (agrees to float rounding).
+//
+// Masked (masked_attention): every key visible, a per-key additive bias row added before the
+// softmax. For short sequences (an encoder batch of 10-20-token sentences: SDPA's CPU kernel
+// costs ~2.5 ms per call there whatever the length) and for a few queries over a KV cache
+// (decode / verify / draft steps).
 // ============================================================================================
 namespace {
 
@@ -764,17 +812,35 @@ inline void pv_tile(const float* const* pr, const float* v, int64_t ldv, int64_t
 #endif
 }
 
-// Softmax of row i over keys 0..i in place (S[i] holds scaled scores); zeroes keys i+1..jend.
-// Returns 1 / sum.
-inline float softmax_row(float* s, int64_t i, int64_t jend) {
-  const int64_t n = i + 1;
+// Softmax in place over keys 0..n-1 of one row (S holds scaled scores; ``bias``, if given,
+// is added first: an additive mask row); zeroes keys n..jend-1. Returns 1 / sum, or 0 for a
+// row that sees no key at all (every bias -inf): its output is then zero, not NaN.
+inline float softmax_row(float* s, const float* bias, int64_t n, int64_t jend) {
   float mx = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
 #if SF_AVX512
   __m512 vmx = _mm512_set1_ps(mx);
-  for (; j + 16 <= n; j += 16) vmx = _mm512_max_ps(vmx, _mm512_loadu_ps(s + j));
-  if (j < n) vmx = _mm512_mask_max_ps(vmx, tail_mask(n - j), vmx, _mm512_maskz_loadu_ps(tail_mask(n - j), s + j));
+  for (; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    __m512 x = _mm512_maskz_loadu_ps(m, s + j);
+    if (bias) {
+      x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + j));
+      _mm512_mask_storeu_ps(s + j, m, x);
+    }
+    vmx = _mm512_mask_max_ps(vmx, m, vmx, x);
+  }
   mx = _mm512_reduce_max_ps(vmx);
+#else
+  for (; j < n; ++j) {
+    if (bias) s[j] += bias[j];
+    mx = std::max(mx, s[j]);
+  }
+#endif
+  if (mx == -std::numeric_limits<float>::infinity()) {
+    for (j = 0; j < jend; ++j) s[j] = 0.f;
+    return 0.f;
+  }
+#if SF_AVX512
   const __m512 vm = _mm512_set1_ps(mx);
   __m512 vsum = _mm512_setzero_ps();
   for (j = 0; j < n; j += 16) {
@@ -786,7 +852,6 @@ inline float softmax_row(float* s, int64_t i, int64_t jend) {
   }
   const float sum = _mm512_reduce_add_ps(vsum);
 #else
-  for (j = 0; j < n; ++j) mx = std::max(mx, s[j]);
   float sum = 0.f;
   for (j = 0; j < n; ++j) { s[j] = std::exp(s[j] - mx); sum += s[j]; }
 #endif
@@ -806,20 +871,39 @@ void with_1to4(int v, const Fn& fn) {  // fn(std::integral_constant<int, v>{}) f
 
 }  // namespace
 
-// q [B, H, L, D], k / v [B, Hkv, L, D] float32 (last dim contiguous; H a multiple of Hkv, D a
-// multiple of 16) -> out [B, L, H, D] contiguous (the layout attention modules reshape from).
-torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "causal_attention: q, k, v must be 4-D [B, H, L, D]");
+namespace {
+
+// softmax(q k^T * scale + bias [+ causal mask]) v. q [B, H, Lq, D], k / v [B, Hkv, Lk, D]
+// float32 (H a multiple of Hkv, D a multiple of 16; causal needs Lq == Lk); bias: undefined
+// or float32 broadcastable to [B, 1, Lq, Lk] (an additive mask shared by the heads) -> out
+// [B, Lq, H, D] contiguous (the layout attention modules reshape from).
+torch::Tensor attention_impl(torch::Tensor q, torch::Tensor k, torch::Tensor v, const torch::Tensor& bias,
+                             bool causal, double scale, const char* who) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, who, ": q, k, v must be 4-D [B, H, L, D]");
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
-              v.scalar_type() == torch::kFloat32, "causal_attention: float32 only");
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hk = k.size(1);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hk && k.size(2) == L && v.size(2) == L &&
-              k.size(3) == D && v.size(3) == D, "causal_attention: k / v must be [B, Hkv, L, D] matching q (a square)");
-  TORCH_CHECK(Hk > 0 && H % Hk == 0, "causal_attention: ", H, " heads do not share ", Hk, " kv heads evenly");
-  TORCH_CHECK(D % 16 == 0, "causal_attention: head dim ", D, " is not a multiple of 16");
+              v.scalar_type() == torch::kFloat32, who, ": float32 only");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hk = k.size(1), Lk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hk && v.size(2) == Lk &&
+              k.size(3) == D && v.size(3) == D, who, ": k / v must be [B, Hkv, Lk, D] matching q");
+  TORCH_CHECK(!causal || Lk == L, who, ": a causal square needs as many keys as queries (", L, " vs ", Lk, ")");
+  TORCH_CHECK(Hk > 0 && H % Hk == 0, who, ": ", H, " heads do not share ", Hk, " kv heads evenly");
+  TORCH_CHECK(D % 16 == 0, who, ": head dim ", D, " is not a multiple of 16");
+  const float* bp = nullptr;
+  int64_t bsb = 0, bsq = 0;
+  torch::Tensor bx;
+  if (bias.defined()) {
+    TORCH_CHECK(bias.scalar_type() == torch::kFloat32, who, ": bias must be float32");
+    TORCH_CHECK(bias.dim() == 4 && (bias.size(0) == B || bias.size(0) == 1) && bias.size(1) == 1 &&
+                (bias.size(2) == L || bias.size(2) == 1) && bias.size(3) == Lk,
+                who, ": bias must be [B|1, 1, Lq|1, Lk] = [", B, ", 1, ", L, ", ", Lk, "], got ", bias.sizes());
+    bx = bias.stride(3) == 1 ? bias : bias.contiguous();
+    bp = bx.data_ptr<float>();
+    bsb = bx.size(0) == 1 ? 0 : bx.stride(0);
+    bsq = bx.size(2) == 1 ? 0 : bx.stride(2);
+  }
   if (q.stride(3) != 1) q = q.contiguous();
   if (v.stride(3) != 1) v = v.contiguous();
-  auto kt = k.transpose(2, 3).contiguous();  // [B, Hkv, D, L]: a key tile is a row segment
+  auto kt = k.transpose(2, 3).contiguous();  // [B, Hkv, D, Lk]: a key tile is a row segment
   auto out = torch::empty({B, L, H, D}, q.options());
   const int64_t G = H / Hk;
   const int64_t nblk = (L + kAttnRows - 1) / kAttnRows;
@@ -831,7 +915,7 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const int64_t qsb = q.stride(0), qsh = q.stride(1), qsl = q.stride(2);
   const int64_t vsb = v.stride(0), vsh = v.stride(1), vsl = v.stride(2);
   const float fscale = static_cast<float>(scale);
-  const int64_t lds = ((L + 31) / 32) * 32;
+  const int64_t lds = ((Lk + 31) / 32) * 32;
   const int nthreads = std::max(1, at::get_num_threads());
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
@@ -844,25 +928,27 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     sbuf.resize(static_cast<size_t>(kAttnRows * lds));
     float* S = sbuf.data();
     const float* qb = qp + b * qsb + h * qsh;
-    const float* ktb = ktp + (b * Hk + hk) * D * L;
+    const float* ktb = ktp + (b * Hk + hk) * D * Lk;
     const float* vb = vp + b * vsb + hk * vsh;
-    // scores: row groups of 8, key tiles of 32 up to the group's last row
+    // scores: row groups of 8, key tiles of 32 (causal: up to the group's last row)
     for (int64_t i0 = r0; i0 < r1; i0 += kMaxTokenBlock) {
       const int mr = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, r1 - i0));
       const float* qr[kMaxTokenBlock];
       for (int r = 0; r < mr; ++r) qr[r] = qb + (i0 + r) * qsl;
-      const int64_t jend = i0 + mr;  // keys 0 .. jend-1 are visible to some row of the group
+      const int64_t jend = causal ? i0 + mr : Lk;  // keys visible to some row of the group
       for (int64_t j0 = 0; j0 < jend; j0 += 32) {
         const int64_t jn = std::min<int64_t>(32, jend - j0);
         with_block(mr, [&](auto R) {
-          qk_tile<decltype(R)::value>(qr, ktb, L, D, j0, jn, fscale, S + (i0 - r0) * lds, lds);
+          qk_tile<decltype(R)::value>(qr, ktb, Lk, D, j0, jn, fscale, S + (i0 - r0) * lds, lds);
         });
       }
     }
     float inv[kAttnRows];
     for (int64_t i = r0; i < r1; ++i) {
       const int64_t grp_end = std::min(r1, r0 + ((i - r0) / kMaxTokenBlock + 1) * kMaxTokenBlock);
-      inv[i - r0] = softmax_row(S + (i - r0) * lds, i, grp_end);
+      const float* brow = bp ? bp + b * bsb + i * bsq : nullptr;
+      inv[i - r0] = causal ? softmax_row(S + (i - r0) * lds, brow, i + 1, grp_end)
+                           : softmax_row(S + (i - r0) * lds, brow, Lk, Lk);
     }
     for (int64_t i0 = r0; i0 < r1; i0 += 4) {
       const int mr = static_cast<int>(std::min<int64_t>(4, r1 - i0));
@@ -872,7 +958,7 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         pr[r] = S + (i0 - r0 + r) * lds;
         orow[r] = op + ((b * L + i0 + r) * H + h) * D;
       }
-      const int64_t jn = i0 + mr;  // P is zero past each row's own position
+      const int64_t jn = causal ? i0 + mr : Lk;  // causal: P is zero past each row's own position
       for (int64_t d0 = 0; d0 < D; d0 += 64) {
         const int dv = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
         with_1to4(mr, [&](auto R) {
@@ -886,6 +972,154 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
+}  // namespace
+
+// Causal prefill: q [B, H, L, D], k / v [B, Hkv, L, D] -> [B, L, H, D].
+torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  return attention_impl(q, k, v, torch::Tensor(), true, scale, "causal_attention");
+}
+
+// Bidirectional (encoder) attention with an optional additive mask bias [B|1, 1, Lq|1, Lk]
+// shared by the heads: q [B, H, Lq, D], k / v [B, Hkv, Lk, D] -> [B, Lq, H, D]. A query row
+// whose every key is masked with -inf gets a zero output.
+torch::Tensor masked_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                               c10::optional<torch::Tensor> bias, double scale) {
+  return attention_impl(q, k, v, bias.has_value() ? *bias : torch::Tensor(), false, scale, "masked_attention");
+}
+
+// ============================================================================================
+// EViT token reduction between two encoder blocks, in one call (slimformer/prune/tokens.py is
+// the reference: attention_received(mode="cls"), evit_keep, fuse_tokens, compact). Between
+// blocks of a 64-sentence batch of 10-20 tokens these are ~40 PyTorch ops on tensors of a few
+// thousand elements, ~1 ms per block in op overhead; here ~0.1 ms. Per row b:
+//   scores[t] = mean over heads of softmax_t(scale * q[b, 0, head] . k[b, t, head] + bias[t]),
+//               bias = log(size) (proportional) or 0 on present tokens (size > 0), absent excluded;
+//   keep [CLS] (protect_first) and the ceil(keep_rate * (n - 1)) best other present tokens
+//   (float32 arithmetic, ties to the lower index, as the stable argsort there);
+//   dropped = present & !keep: mode 0 fuse (append the scores-weighted mean of the dropped, size
+//   = their summed sizes; size-weighted when every weight is 0), 1 drop, 2 pool (return their
+//   size-weighted sum and summed size);
+//   out: the kept tokens in order (then the fused one), rows padded with zeros / size 0 to the
+//   longest row.
+// h, q, k [B, T, C] float32 (q/k: the block's query/key projections, C = heads x head dim),
+// size [B, T] float32 -> (h' [B, T', C], size' [B, T'], scores [B, T], left_sum [B, C],
+// left_size [B]).
+// ============================================================================================
+std::vector<torch::Tensor> evit_reduce(torch::Tensor h, torch::Tensor q, torch::Tensor k, torch::Tensor size,
+                                       int64_t num_heads, double scale, bool proportional, double keep_rate,
+                                       bool protect_first, int64_t mode) {
+  TORCH_CHECK(h.dim() == 3 && q.sizes() == k.sizes() && q.dim() == 3 && q.size(0) == h.size(0) &&
+              q.size(1) == h.size(1), "evit_reduce: h, q, k must be [B, T, C] alike");
+  TORCH_CHECK(h.scalar_type() == torch::kFloat32 && q.scalar_type() == torch::kFloat32 &&
+              k.scalar_type() == torch::kFloat32 && size.scalar_type() == torch::kFloat32,
+              "evit_reduce: float32 only");
+  TORCH_CHECK(size.dim() == 2 && size.size(0) == h.size(0) && size.size(1) == h.size(1),
+              "evit_reduce: size must be [B, T]");
+  TORCH_CHECK(num_heads > 0 && q.size(2) % num_heads == 0, "evit_reduce: ", q.size(2),
+              " channels do not split into ", num_heads, " heads");
+  TORCH_CHECK(mode >= 0 && mode <= 2, "evit_reduce: mode must be 0 (fuse), 1 (drop) or 2 (pool)");
+  h = h.contiguous(); q = q.contiguous(); k = k.contiguous(); size = size.contiguous();
+  const int64_t B = h.size(0), T = h.size(1), C = h.size(2), QC = q.size(2), D = QC / num_heads;
+  const float* hp = h.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* sp = size.data_ptr<float>();
+  auto scores = torch::zeros({B, T}, h.options());
+  auto left_sum = torch::zeros({B, C}, h.options());
+  auto left_size = torch::zeros({B}, h.options());
+  float* scp = scores.data_ptr<float>();
+  std::vector<uint8_t> keep(static_cast<size_t>(B * T), 0);
+  std::vector<int64_t> count(static_cast<size_t>(B), 0);
+  std::vector<float> fsize(static_cast<size_t>(B), 0.f);
+  std::vector<float> fused(mode == 0 ? static_cast<size_t>(B * C) : 0, 0.f);
+  const float kr = static_cast<float>(keep_rate);
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> logit(static_cast<size_t>(T));
+    std::vector<int64_t> order;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* sz = sp + b * T;
+      float* sc = scp + b * T;
+      int64_t n = 0;
+      for (int64_t t = 0; t < T; ++t) n += sz[t] > 0.f;
+      // attention each token receives from query 0, averaged over heads
+      for (int64_t hd = 0; hd < num_heads; ++hd) {
+        const float* q0 = qp + b * T * QC + hd * D;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < T; ++t) {
+          if (!(sz[t] > 0.f)) continue;
+          const float* kt = kp + (b * T + t) * QC + hd * D;
+          float dot = 0.f;
+          for (int64_t d = 0; d < D; ++d) dot += q0[d] * kt[d];
+          logit[t] = dot * fscale + (proportional ? std::log(std::max(sz[t], 1e-12f)) : 0.f);
+          mx = std::max(mx, logit[t]);
+        }
+        float sum = 0.f;
+        for (int64_t t = 0; t < T; ++t)
+          if (sz[t] > 0.f) { logit[t] = std::exp(logit[t] - mx); sum += logit[t]; }
+        const float w = 1.f / (sum * static_cast<float>(num_heads));
+        for (int64_t t = 0; t < T; ++t)
+          if (sz[t] > 0.f) sc[t] += logit[t] * w;
+      }
+      // which tokens stay
+      const bool cls = protect_first && sz[0] > 0.f;
+      int64_t n_keep = protect_first
+          ? static_cast<int64_t>(std::ceil(kr * static_cast<float>(std::max<int64_t>(n - 1, 0)))) + (cls ? 1 : 0)
+          : static_cast<int64_t>(std::ceil(kr * static_cast<float>(n)));
+      n_keep = std::min(n_keep, n);
+      order.clear();
+      for (int64_t t = 0; t < T; ++t)
+        if (sz[t] > 0.f) order.push_back(t);
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) {
+        const float sa = (cls && a == 0) ? std::numeric_limits<float>::infinity() : sc[a];
+        const float sb = (cls && c == 0) ? std::numeric_limits<float>::infinity() : sc[c];
+        return sa > sb;
+      });
+      uint8_t* kb = keep.data() + b * T;
+      for (int64_t i = 0; i < n_keep; ++i) kb[order[static_cast<size_t>(i)]] = 1;
+      // what becomes of the others
+      float wsum = 0.f, ssum = 0.f;
+      for (int64_t t = 0; t < T; ++t)
+        if (sz[t] > 0.f && !kb[t]) { wsum += std::max(sc[t], 0.f); ssum += sz[t]; }
+      if (mode != 1 && ssum > 0.f) {
+        const bool by_size = mode == 2 || !(wsum > 0.f);
+        const float den = mode == 2 ? 1.f : std::max(by_size ? ssum : wsum, 1e-12f);
+        float* acc = mode == 0 ? fused.data() + b * C : left_sum.data_ptr<float>() + b * C;
+        for (int64_t t = 0; t < T; ++t) {
+          if (!(sz[t] > 0.f) || kb[t]) continue;
+          const float wt = (by_size ? sz[t] : std::max(sc[t], 0.f)) / den;
+          const float* xr = hp + (b * T + t) * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += wt * xr[c];
+        }
+        if (mode == 2) left_size.data_ptr<float>()[b] = ssum;
+      }
+      fsize[static_cast<size_t>(b)] = mode == 0 ? ssum : 0.f;
+      count[static_cast<size_t>(b)] = n_keep + (mode == 0 && ssum > 0.f ? 1 : 0);
+    }
+  });
+  const int64_t Tn = std::max<int64_t>(1, *std::max_element(count.begin(), count.end()));
+  auto hout = torch::zeros({B, Tn, C}, h.options());
+  auto sout = torch::zeros({B, Tn}, h.options());
+  float* hop = hout.data_ptr<float>();
+  float* sop = sout.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t j = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        if (!keep[static_cast<size_t>(b * T + t)]) continue;
+        std::memcpy(hop + (b * Tn + j) * C, hp + (b * T + t) * C, sizeof(float) * C);
+        sop[b * Tn + j] = sp[b * T + t];
+        ++j;
+      }
+      if (mode == 0 && fsize[static_cast<size_t>(b)] > 0.f) {
+        std::memcpy(hop + (b * Tn + j) * C, fused.data() + b * C, sizeof(float) * C);
+        sop[b * Tn + j] = fsize[static_cast<size_t>(b)];
+      }
+    }
+  });
+  return {hout, sout, scores, left_sum, left_size};
+}
+
 bool has_avx512() { return SF_AVX512 != 0; }
 
 // As dispatcher ops (torch.ops.slimformer.*): what torch.compile'd graphs call. A Python
@@ -895,6 +1129,7 @@ TORCH_LIBRARY_FRAGMENT(slimformer, m) {
   m.def("int8w_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int group_size, float zero_const) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("masked_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) -> Tensor");
   m.def("w8a8_gated_mlp(Tensor x, Tensor wgu, Tensor sgu, Tensor? agu, Tensor wd, Tensor sd, Tensor? bd, Tensor? ad) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor w, Tensor wscale, Tensor? bias, Tensor? act_scale) -> Tensor");
 }
@@ -905,6 +1140,7 @@ TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
   m.impl("f32_linear", &f32_linear);
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("causal_attention", &causal_attention);
+  m.impl("masked_attention", &masked_attention);
   m.impl("w8a8_gated_mlp", &w8a8_gated_mlp);
 }
 
@@ -915,6 +1151,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_linear", &f32_linear, "fp32 linear for few tokens (no bias)");
   m.def("w8a8_linear", &w8a8_linear, "W8A8 linear: per-token int8 activations, int8 GEMM, rescale");
   m.def("causal_attention", &causal_attention, "causal prefill attention over a square prompt (GQA)");
+  m.def("masked_attention", &masked_attention, "bidirectional attention with an additive mask bias (GQA)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("scale"));
   m.def("w8a8_gated_mlp", &w8a8_gated_mlp, "W8A8 gated MLP: down(silu(gate(x)) * up(x)) in one call");
+  m.def("evit_reduce", &evit_reduce, "EViT token reduction between encoder blocks (scores, keep, fuse, compact)");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled");
 }

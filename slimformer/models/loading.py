@@ -47,9 +47,9 @@ class LoadedModel:
     meta: dict = field(default_factory=dict)  # e.g. the compression recipe of a saved folder
 
     def __post_init__(self) -> None:
-        if self.arch.kind == "causal-lm":
-            # every causal LM slimformer hands out (loaded, compressed, tiny, baselines too):
-            # our prefill attention kernel where it applies, SDPA elsewhere
+        if self.arch.kind in ("causal-lm", "encoder"):
+            # every causal LM and text encoder slimformer hands out (loaded, compressed, tiny,
+            # baselines too): our attention kernels where they apply, SDPA elsewhere
             from slimformer.kernels.attention import install
 
             install(self.model)
