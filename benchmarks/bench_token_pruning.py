@@ -208,9 +208,11 @@ def main() -> None:
                 from slimformer.kernels.attention import uninstall
 
                 sents = [x for pair in stsb_pairs("test") for x in pair[:2]][:args.sentences]
+                # (a new LoadedModel installs the kernel: uninstall after building it)
                 p_sdpa = dataclasses.replace(p, model=copy.deepcopy(p.model))
                 uninstall(p_sdpa.model.inner)
-                b_sdpa = dataclasses.replace(base, model=uninstall(copy.deepcopy(base.model)))
+                b_sdpa = dataclasses.replace(base, model=copy.deepcopy(base.model))
+                uninstall(b_sdpa.model)
                 ts = _interleaved_medians([lambda m=m: time_embed(m, sents) for m in (base, p, b_sdpa, p_sdpa)],
                                           speed_cfg, False, "sdpa reference")
                 row.update(sdpa_ref={"base_kernel_s": ts[0], "pruned_kernel_s": ts[1], "base_sdpa_s": ts[2],

@@ -386,28 +386,6 @@ def test_masked_attention_kernel_zero_for_rows_without_keys_and_rejects_bad_bias
         K.masked_attention(q, k, v, torch.zeros(2, 1, 1, 6, dtype=torch.float64), 0.25)
 
 
-@needs_kernels
-@pytest.mark.parametrize("q,start,length", [(1, [0], [40]), (9, [0, 5], [40, 33]), (4, [3, 0], [0, 0])])
-def test_decode_attention_kernel_matches_grouped_sdpa(q, start, length):
-    """Decode / verify steps over the static cache (GQA, left padding, rows at different
-    lengths): the kernel equals the SDPA path it replaces to float rounding."""
-    from slimformer.decoding.cache import StaticKVCache, step_layout
-    from slimformer.decoding.runner import grouped_attention
-    from slimformer.kernels.attention import attention_bias, kernel_decode_attention
-
-    B = len(start)
-    cache = StaticKVCache.allocate(1, B, 3, 64, 64, torch.float32)
-    cache.start, cache.length = torch.tensor(start), torch.tensor(length)
-    layout = step_layout(cache, q)
-    g = torch.Generator().manual_seed(q)
-    qs = torch.randn(B, 9, q, 64, generator=g)
-    K = torch.randn(B, 3, layout.kv_len, 64, generator=g)
-    V = torch.randn(B, 3, layout.kv_len, 64, generator=g)
-    got = kernel_decode_attention(qs, K, V, attention_bias(layout.mask), 0.125)
-    want = grouped_attention(qs, K, V, layout.mask, False, 0.125)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
 def test_encoders_get_the_attention_and_match_sdpa_on_padded_batches():
     """A loaded (here tiny) encoder routes its attention through the masked kernel for a padded
     batch, with SDPA's outputs to float rounding; training still takes SDPA."""

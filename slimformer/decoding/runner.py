@@ -26,8 +26,7 @@ from slimformer.decoding.cache import (StaticKVCache, StepLayout, advance, stati
 from slimformer.errors import SlimformerError
 from slimformer.formats.fused import Int8GatedMLP
 from slimformer.formats.linear import few_token_linear
-from slimformer.kernels.attention import (DECODE_MAX_QUERIES, attention_bias, kernel_causal_attention,
-                                         kernel_decode_attention)
+from slimformer.kernels.attention import kernel_causal_attention
 from slimformer.models.registry import get_module
 from slimformer.primitives.rotary import apply_rotary
 
@@ -177,9 +176,8 @@ class CausalRunner:
         rope = None
         if self.rotary is not None:
             rope = self.rotary(x, layout.positions)  # cos, sin: [B, q, D]
-        bias = attention_bias(layout.mask) if layout.q <= DECODE_MAX_QUERIES else None  # once per step
         for i, blk in enumerate(self.blocks):
-            x = self._block(i, blk, x, cache, layout, rope, bias)
+            x = self._block(i, blk, x, cache, layout, rope)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +185,7 @@ class CausalRunner:
         return few_token_linear(self.head, x).float()
 
     def _block(self, i: int, blk: _Block, x: torch.Tensor, cache: StaticKVCache,
-               layout: StepLayout, rope, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+               layout: StepLayout, rope) -> torch.Tensor:
         B, q, _ = x.shape
         h = blk.norm1(x) if blk.pre_norm else x
         if blk.qkv is not None:
@@ -209,8 +207,6 @@ class CausalRunner:
         a = None
         if layout.is_causal and layout.mask is None:  # unpadded prompt, empty cache: a square
             a = kernel_causal_attention(qs, K, V, self.scales[i])  # [B, q, H, D] or None
-        elif not layout.is_causal:  # decode / verify / draft: a few queries over the cache
-            a = kernel_decode_attention(qs, K, V, bias, self.scales[i])
         if a is None:
             a = grouped_attention(qs, K, V, layout.mask, layout.is_causal, self.scales[i])  # [B, q, H, D]
         if cache.attn_observer is not None:  # e.g. heavy-hitter KV eviction scores

@@ -2,7 +2,7 @@
 
 ``cpu_kernels()`` returns the compiled extension module (plain functions, for eager code; the
 same kernels are also registered as ``torch.ops.slimformer.int4_linear`` / ``f32_linear`` /
-``w8a8_linear`` / ``masked_attention`` ... for ``torch.compile``d graphs), or ``None`` (with one warning) when it cannot
+``w8a8_linear`` ... for ``torch.compile``d graphs), or ``None`` (with one warning) when it cannot
 be built -- no compiler, a failed build, or ``SLIMFORMER_NO_KERNELS=1`` -- in which case
 callers fall back to their pure-PyTorch path, which computes the same result more slowly.
 
@@ -84,10 +84,6 @@ def _register_fakes() -> None:
     @torch.library.register_fake("slimformer::f32_linear")
     def _f32(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])
-
-    @torch.library.register_fake("slimformer::masked_attention")
-    def _masked_attention(q, k, v, bias, scale):
-        return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
 
     @torch.library.register_fake("slimformer::w8a8_linear")
     def _w8a8(x, w, wscale, bias, act_scale):

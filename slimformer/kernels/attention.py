@@ -25,8 +25,8 @@ training, autocast -- goes to transformers' own SDPA function unchanged. Every c
 encoder slimformer hands out (``LoadedModel``: loaded, compressed, tiny -- the uncompressed
 baselines too, so speed ratios between a compressed or token-pruned model and its baseline never
 credit the attention kernel to compression) has it installed; ``SLIMFORMER_NO_KERNELS=1`` turns
-it off with the other kernels. Our own decode loop (:mod:`slimformer.decoding`) calls
-:func:`kernel_decode_attention` for its decode, verify and draft steps (compiled steps too).
+it off with the other kernels. (Our decode loop's one-token and verify steps stay on SDPA: the
+kernel measured no faster there, ``benchmarks/RESULTS.md``.)
 """
 from __future__ import annotations
 
@@ -88,31 +88,12 @@ def kernel_masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return kern.masked_attention(query, key, value, bias, float(scale))
 
 
-DECODE_MAX_QUERIES = 32  # one row block of the kernel: decode, verify and draft steps
-
-
 def attention_bias(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A bool attention mask (True = attend) as the additive float32 bias the kernel takes
-    (0 / -inf); None stays None. Computed once per step, shared by the layers."""
+    (0 / -inf); None (and a float mask) stays as it is."""
     if mask is None or mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))
-
-
-def kernel_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            bias: Optional[torch.Tensor], scale: float) -> Optional[torch.Tensor]:
-    """A decode / verify step's attention by the kernel: ``query`` [B, H, q, D] (q at most
-    ``DECODE_MAX_QUERIES``) over the cache ``key``/``value`` [B, Hkv, T, D] with ``bias``
-    [B, 1, q, T] (see :func:`attention_bias`) -> [B, q, H, D]; grouped-query heads read their
-    KV head in place. Inside ``torch.compile`` it is the dispatcher op (a compiled decode step
-    calls the kernel too). None where it does not apply (no kernels, not fp32, autograd, odd
-    head dim, many queries)."""
-    kern = cpu_kernels()
-    if kern is None or query.shape[2] > DECODE_MAX_QUERIES or not _common_ok(query, key, value, True):
-        return None
-    if torch.compiler.is_compiling():
-        return torch.ops.slimformer.masked_attention(query, key, value, bias, float(scale))
-    return kern.masked_attention(query, key, value, bias, float(scale))
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

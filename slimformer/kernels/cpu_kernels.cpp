@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
@@ -44,17 +45,21 @@ namespace {
 
 constexpr int64_t kTileRows = 16;  // weight rows applied to every token block before moving on
 constexpr int kMaxTokenBlock = 8;  // token rows sharing one pass over a weight row (registers)
+// fp32: blocks of 4 (a 9-token verify step makes 3 passes over each 16-row tile, the later ones
+// from cache): with weights streaming from memory, SmolLM2's linears at 8 tokens take ~30 ms in
+// blocks of 4 and ~38 ms in one block of 8 (at one token ~18-20 ms either way).
+constexpr int kF32TokenBlock = 4;
 
 // Calls fn(t0, t1, m0, mb) for every tile of kTileRows weight rows (tiles split across threads)
 // and, inside a tile, every block of mb <= kMaxTokenBlock token rows: a tile stays in cache while
 // all token blocks use it.
 template <typename Fn>
-void over_tiles(int64_t N, int64_t M, int64_t grain, const Fn& fn) {
+void over_tiles(int64_t N, int64_t M, int64_t grain, const Fn& fn, int block = kMaxTokenBlock) {
   at::parallel_for(0, N, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t t0 = c0; t0 < c1; t0 += kTileRows) {
       const int64_t t1 = std::min(t0 + kTileRows, c1);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxTokenBlock)
-        fn(t0, t1, m0, static_cast<int>(std::min<int64_t>(kMaxTokenBlock, M - m0)));
+      for (int64_t m0 = 0; m0 < M; m0 += block)
+        fn(t0, t1, m0, static_cast<int>(std::min<int64_t>(block, M - m0)));
     }
   });
 }
@@ -364,75 +369,35 @@ namespace {
 
 // Rows n0..n1 of W [N, K] against MB token rows of x [M, K], one weight row at a time: the
 // weights are then read as one sequential stream, which the hardware prefetcher follows best
-// (measured: 22 GB/s on one thread vs 13-16 GB/s for 4 or 8 interleaved row streams). From 4
-// token rows on (a verify step), two weight rows share each load of x: the loop is then bound
-// by loads (MB + 1 per MB multiply-adds for one row, MB + 2 per 2 MB for two), not bandwidth.
-template <int MB>
-inline void f32_rows1(const float* wr, const float* const* xr, int64_t K, float* y, int64_t ldy) {
-#if SF_AVX512
-  __m512 acc[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m512 wv = _mm512_loadu_ps(wr + k);
-    for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr[m] + k), acc[m]);
-  }
-  if (k < K) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
-    const __m512 wv = _mm512_maskz_loadu_ps(mask, wr + k);
-    for (int m = 0; m < MB; ++m)
-      acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, xr[m] + k), acc[m]);
-  }
-  for (int m = 0; m < MB; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]);
-#else
-  for (int m = 0; m < MB; ++m) {
-    float a = 0.f;
-    for (int64_t k = 0; k < K; ++k) a += wr[k] * xr[m][k];
-    y[m * ldy] = a;
-  }
-#endif
-}
-
-#if SF_AVX512
-template <int MB>
-inline void f32_rows2(const float* wr, const float* const* xr, int64_t K, float* y, int64_t ldy) {
-  const float* wr2 = wr + K;
-  __m512 a0[MB], a1[MB];
-  for (int m = 0; m < MB; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m512 w0 = _mm512_loadu_ps(wr + k), w1 = _mm512_loadu_ps(wr2 + k);
-    for (int m = 0; m < MB; ++m) {
-      const __m512 xv = _mm512_loadu_ps(xr[m] + k);
-      a0[m] = _mm512_fmadd_ps(w0, xv, a0[m]);
-      a1[m] = _mm512_fmadd_ps(w1, xv, a1[m]);
-    }
-  }
-  if (k < K) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
-    const __m512 w0 = _mm512_maskz_loadu_ps(mask, wr + k), w1 = _mm512_maskz_loadu_ps(mask, wr2 + k);
-    for (int m = 0; m < MB; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, xr[m] + k);
-      a0[m] = _mm512_fmadd_ps(w0, xv, a0[m]);
-      a1[m] = _mm512_fmadd_ps(w1, xv, a1[m]);
-    }
-  }
-  for (int m = 0; m < MB; ++m) {
-    y[m * ldy] = _mm512_reduce_add_ps(a0[m]);
-    y[m * ldy + 1] = _mm512_reduce_add_ps(a1[m]);
-  }
-}
-#endif
-
+// (measured: 22 GB/s on one thread vs 13-16 GB/s for 4 or 8 interleaved row streams).
 template <int MB>
 void f32_block(const float* w, const float* const* xr, int64_t K, int64_t n0, int64_t n1,
                float* y, int64_t m0, int64_t N) {
-  int64_t n = n0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* wr = w + n * K;
 #if SF_AVX512
-  if (MB >= 4)
-    for (; n + 2 <= n1; n += 2) f32_rows2<MB>(w + n * K, xr, K, y + m0 * N + n, N);
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      const __m512 wv = _mm512_loadu_ps(wr + k);
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr[m] + k), acc[m]);
+    }
+    if (k < K) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
+      const __m512 wv = _mm512_maskz_loadu_ps(mask, wr + k);
+      for (int m = 0; m < MB; ++m)
+        acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, xr[m] + k), acc[m]);
+    }
+    for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n] = _mm512_reduce_add_ps(acc[m]);
+#else
+    for (int m = 0; m < MB; ++m) {
+      float a = 0.f;
+      for (int64_t k = 0; k < K; ++k) a += wr[k] * xr[m][k];
+      y[(m0 + m) * N + n] = a;
+    }
 #endif
-  for (; n < n1; ++n) f32_rows1<MB>(w + n * K, xr, K, y + m0 * N + n, N);
+  }
 }
 
 }  // namespace
@@ -453,7 +418,7 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor weight) {
     const float* xr[kMaxTokenBlock];
     for (int i = 0; i < mb; ++i) xr[i] = xp + (m0 + i) * K;
     with_block(mb, [&](auto B) { f32_block<decltype(B)::value>(wp, xr, K, t0, t1, yp, m0, N); });
-  });
+  }, kF32TokenBlock);
   return y;
 }
 
@@ -735,8 +700,7 @@ torch::Tensor w8a8_gated_mlp(torch::Tensor x, torch::Tensor wgu, torch::Tensor s
 //
 // Masked (masked_attention): every key visible, a per-key additive bias row added before the
 // softmax. For short sequences (an encoder batch of 10-20-token sentences: SDPA's CPU kernel
-// costs ~2.5 ms per call there whatever the length) and for a few queries over a KV cache
-// (decode / verify / draft steps).
+// costs ~2.5 ms per call there whatever the length).
 // ============================================================================================
 namespace {
 
@@ -918,8 +882,11 @@ torch::Tensor attention_impl(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   const int64_t lds = ((Lk + 31) / 32) * 32;
   const int nthreads = std::max(1, at::get_num_threads());
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-  for (int64_t t = 0; t < ntask; ++t) {
+  // tasks handed out dynamically inside PyTorch's own thread pool (an OpenMP region of our own
+  // next to ATen's GEMMs made both slower in a model forward)
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+  for (int64_t t = next_task.fetch_add(1); t < ntask; t = next_task.fetch_add(1)) {
     const int64_t blk = nblk - 1 - t / (B * H);  // largest blocks first
     const int64_t bh = t % (B * H);
     const int64_t b = bh / H, h = bh % H, hk = h / G;
@@ -969,6 +936,7 @@ torch::Tensor attention_impl(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
       }
     }
   }
+  });
   return out;
 }
 
@@ -1129,7 +1097,6 @@ TORCH_LIBRARY_FRAGMENT(slimformer, m) {
   m.def("int8w_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int group_size, float zero_const) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
-  m.def("masked_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) -> Tensor");
   m.def("w8a8_gated_mlp(Tensor x, Tensor wgu, Tensor sgu, Tensor? agu, Tensor wd, Tensor sd, Tensor? bd, Tensor? ad) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor w, Tensor wscale, Tensor? bias, Tensor? act_scale) -> Tensor");
 }
@@ -1140,7 +1107,6 @@ TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
   m.impl("f32_linear", &f32_linear);
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("causal_attention", &causal_attention);
-  m.impl("masked_attention", &masked_attention);
   m.impl("w8a8_gated_mlp", &w8a8_gated_mlp);
 }
 
