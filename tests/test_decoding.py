@@ -179,6 +179,27 @@ def test_compiled_decode_gives_the_eager_tokens():
     assert runner.new_cache(1, 7).capacity == CausalRunner.CAPACITY_STEP
 
 
+def test_compiled_runners_skip_guards_without_mixing_graphs():
+    """After its first compiled step a runner skips Dynamo's guard check for that shape; two
+    compiled runners of different models (one code object, two graphs) and a second capacity
+    must still each get their own graph: every step equals its eager runner's."""
+    torch._dynamo.reset()
+    a_lm, b_lm = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ca, cb = CausalRunner(a_lm, compile=True), CausalRunner(b_lm, compile=True)
+    ea, eb = CausalRunner(a_lm), CausalRunner(b_lm)
+    with torch.inference_mode():
+        for capacity in (8, 200):  # rounds up to 128, then 256: a second shape
+            caches = {r: r.new_cache(1, capacity) for r in (ca, cb, ea, eb)}
+            for r, c in caches.items():
+                r.prefill(torch.tensor([[1, 2, 3]]), torch.zeros(1, dtype=torch.long), c)
+            for step in range(4):
+                tok = torch.tensor([[5 + step]])
+                for comp, ref in ((ca, ea), (cb, eb)):
+                    torch.testing.assert_close(comp.forward(tok, caches[comp]), ref.forward(tok, caches[ref]),
+                                               rtol=1e-4, atol=1e-4)
+    assert len(ca._warm) == len(cb._warm) == 2
+
+
 def test_compiled_step_falls_back_for_ragged_caches():
     """Rows at different fill levels (speculative rollback) cannot share one write slot: the
     compiled runner must take the eager path there and still be right."""
