@@ -1,6 +1,7 @@
 """slimformer's own C++ CPU kernels (few-token int4 and fp32 linears, the W8A8 linear, causal
 prefill attention): exact sums against references on awkward shapes, the routes that use them,
 and the fallback without them."""
+import contextlib
 import copy
 
 import pytest
@@ -289,10 +290,12 @@ def _qkv(b, h, hk, n, d, seed=0):
     return q, torch.randn(b, hk, n, d, generator=g), torch.randn(b, hk, n, d, generator=g)
 
 
-def _sdpa(q, k, v, scale):
+def _sdpa(q, k, v, scale, mask=None):
+    """SDPA with the KV heads repeated for grouped queries: [B, L, H, D]; causal without a mask."""
     g = q.shape[1] // k.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=True, scale=scale)
+        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask, is_causal=mask is None,
+        scale=scale)
     return out.transpose(1, 2)
 
 
@@ -336,13 +339,6 @@ def test_causal_attention_kernel_rejects_bad_shapes():
         K.causal_attention(q, k, v, 0.25)
 
 
-def _masked_sdpa(q, k, v, mask, scale):
-    g = q.shape[1] // k.shape[1]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask, scale=scale)
-    return out.transpose(1, 2)
-
-
 @needs_kernels
 @pytest.mark.parametrize("b,h,hk,lq,lk,d,mask", [
     (3, 12, 12, 21, 21, 32, "keys"),   # MiniLM-like batch: a padding mask shared by the queries
@@ -369,7 +365,8 @@ def test_masked_attention_kernel_matches_sdpa(b, h, hk, lq, lk, d, mask):
         bias = torch.zeros(m.shape).masked_fill_(~m, float("-inf"))
     out = K.masked_attention(q, k, v, bias, d ** -0.5)
     assert out.shape == (b, lq, h, d) and out.is_contiguous()
-    torch.testing.assert_close(out, _masked_sdpa(q, k, v, m, d ** -0.5), rtol=1e-5, atol=1e-5)
+    want = _sdpa(q, k, v, d ** -0.5, m if m is not None else torch.ones(1, 1, lq, lk, dtype=torch.bool))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
@@ -386,6 +383,25 @@ def test_masked_attention_kernel_zero_for_rows_without_keys_and_rejects_bad_bias
         K.masked_attention(q, k, v, torch.zeros(2, 1, 1, 6, dtype=torch.float64), 0.25)
 
 
+@contextlib.contextmanager
+def _counting_kernel(attn, name: str):
+    """Within the block, calls of kernel ``name`` made through ``attn.cpu_kernels()`` append
+    their first argument's shape to the yielded list (no kernels: nothing is counted)."""
+    calls: list = []
+    real = attn.cpu_kernels
+
+    class Spy:
+        def __getattr__(self, n):
+            fn = getattr(real(), n)
+            return (lambda *a: calls.append(a[0].shape) or fn(*a)) if n == name else fn
+
+    attn.cpu_kernels = (lambda: Spy()) if real() is not None else real
+    try:
+        yield calls
+    finally:
+        attn.cpu_kernels = real
+
+
 def test_encoders_get_the_attention_and_match_sdpa_on_padded_batches():
     """A loaded (here tiny) encoder routes its attention through the masked kernel for a padded
     batch, with SDPA's outputs to float rounding; training still takes SDPA."""
@@ -393,32 +409,14 @@ def test_encoders_get_the_attention_and_match_sdpa_on_padded_batches():
 
     lm = tiny_model("bert")
     assert attn.installed(lm.model)
-    ref = copy.deepcopy(lm.model)
-    ref.config._attn_implementation = "sdpa"
-    for sub in ref.modules():
-        c = getattr(sub, "config", None)
-        if c is not None:
-            c._attn_implementation = "sdpa"
+    ref = attn.uninstall(copy.deepcopy(lm.model))
     ids = torch.randint(5, 200, (3, 17))
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0
     mask[2, 3:] = 0
-    calls = []
-    real = attn.cpu_kernels
-
-    class Spy:
-        def __getattr__(self, name):
-            fn = getattr(real(), name)
-            if name == "masked_attention":
-                return lambda *a: calls.append(a[0].shape) or fn(*a)
-            return fn
-
     with torch.inference_mode():
-        attn.cpu_kernels = (lambda: Spy()) if real() is not None else real
-        try:
+        with _counting_kernel(attn, "masked_attention") as calls:
             got = lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        finally:
-            attn.cpu_kernels = real
         want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
     keep = mask.bool()
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
@@ -441,20 +439,9 @@ def test_installed_attention_matches_sdpa_and_falls_back_where_it_must():
     ref = copy.deepcopy(lm.model)
     ref.config._attn_implementation = "sdpa"
     assert attn.install(lm.model) and not attn.installed(ref)
-    calls = []
-    real = attn.cpu_kernels
-
-    class Spy:
-        def __getattr__(self, name):
-            fn = getattr(real(), name)
-            if name == "causal_attention":
-                return lambda *a: calls.append(a[0].shape) or fn(*a)
-            return fn
-
     ids = torch.randint(0, 200, (2, 37))
     with torch.inference_mode():
-        attn.cpu_kernels = (lambda: Spy()) if real() is not None else real
-        try:
+        with _counting_kernel(attn, "causal_attention") as calls:
             got = lm.model(ids).logits
             n_prefill = len(calls)
             mask = torch.ones_like(ids)
@@ -464,8 +451,6 @@ def test_installed_attention_matches_sdpa_and_falls_back_where_it_must():
             out = lm.model(ids[:, :30], use_cache=True)
             step = lm.model(ids[:, 30:31], past_key_values=out.past_key_values, use_cache=True).logits
             n_after_decode = len(calls)
-        finally:
-            attn.cpu_kernels = real
         want = ref(ids).logits
         ref_out = ref(ids[:, :30], use_cache=True)
         step_ref = ref(ids[:, 30:31], past_key_values=ref_out.past_key_values, use_cache=True).logits

@@ -10,7 +10,7 @@
   batch of 64 sentences of 10-20 tokens (12 heads) whatever the length -- per-head fixed costs
   -- where ``cpu_kernels().masked_attention`` (the same tiles, every key visible, the additive
   mask added before the softmax) takes 0.3-0.8 ms. It is used up to ``ENCODER_MAX_KEYS`` keys;
-  at 256 keys and more SDPA is as fast or faster (RESULTS "Encoder attention").
+  at 256 keys they tie and at 512 SDPA wins (``benchmarks/RESULTS.md``, token pruning "Stop 16").
 
 Same sums in another order: outputs agree with SDPA to float rounding (tested at 1e-5).
 
@@ -37,19 +37,18 @@ import torch.nn as nn
 
 from slimformer.kernels import cpu_kernels
 
-NAME = "slimformer-causal"  # (the name predates the encoder path; kept for saved state)
-ENCODER_MAX_KEYS = 128  # masked_attention beats SDPA up to here (RESULTS "Encoder attention")
+NAME = "slimformer-causal"  # (the name predates the encoder path)
+ENCODER_MAX_KEYS = 128  # masked_attention beats SDPA up to here (see the module doc)
 
 
-def _common_ok(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               compiling_ok: bool = False) -> bool:
-    """fp32, head dim a multiple of 16, whole query groups per KV head, no autograd, and (unless
-    the caller has the dispatcher op for it) not inside ``torch.compile``."""
+def _common_ok(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """fp32, head dim a multiple of 16, whole query groups per KV head, no autograd, not inside
+    ``torch.compile``."""
     return (query.dtype == key.dtype == value.dtype == torch.float32
             and query.shape[-1] % 16 == 0 and query.shape[1] % key.shape[1] == 0
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                                   or value.requires_grad))
-            and (compiling_ok or not torch.compiler.is_compiling()))
+            and not torch.compiler.is_compiling())
 
 
 def _kernel_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:

@@ -1,8 +1,8 @@
 // slimformer CPU kernels: few-token (decode / speculative-verify) linear layers; the W8A8
 // linear and gated MLP (per-token quantization and rescaling around an int8 product: ours for a
 // few tokens, PyTorch's int8 GEMM for many); attention (causal prefill squares, and
-// bidirectional / few-query attention under an additive mask: encoders, decode steps); EViT's
-// token reduction between encoder blocks (see the sections below).
+// bidirectional attention under an additive mask: encoders); EViT's token reduction between
+// encoder blocks (see the sections below).
 //
 // The few-token kernels compute y[m, n] = sum_k W[n, k] x[m, k] for small M (a handful of tokens), where
 // a decode step is bound by how fast the weight bytes stream from memory: each weight row is

@@ -31,7 +31,8 @@ open. Nothing is reduced after the last block.
 The math (:func:`evit_keep`, :func:`tome_merge`, :func:`compact`) is pure functions on
 tensors (at inference the EViT reduction with ``score="cls"`` runs as one C++ call,
 ``evit_reduce``, tested equal to them: ~40 small PyTorch ops between two blocks cost ~1 ms of
-op overhead on a sentence batch, about 5% of a MiniLM forward); :class:`TokenPrunedEncoder` is the plumbing around HF's own embedding and block
+op overhead on a sentence batch, about 5% of a MiniLM forward); :class:`TokenPrunedEncoder` is
+the plumbing around HF's own embedding and block
 modules (the blocks are called as they are, with an additive attention mask — the pattern of
 :mod:`slimformer.decoding.early_exit`). :func:`apply_token_pruning` swaps it in as
 ``lm.model``; :func:`remove_token_pruning` restores the plain model.
