@@ -28,6 +28,7 @@ Target (issue 5): throughput >= 1.3x with STS-B drop <= 1 point. Timing: run und
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import logging
 import time
@@ -159,25 +160,17 @@ def main() -> None:
         embed(m, items, batch_size=ENCODE_BATCH)
         return time.perf_counter() - t0
 
-    def time_long(m) -> float:
-        t0 = time.perf_counter()
-        embed(m, texts)
-        return time.perf_counter() - t0
 
     rows = []
     for spec in args.configs.split(","):
         cfg = parse_config(spec)
         weights = Path(args.save_recovered or args.load_recovered or ".") / f"{spec.replace('/', '_')}.pt"
         if args.load_recovered:
-            import copy
-
             model = copy.deepcopy(lm.model)
             model.load_state_dict(torch.load(weights, weights_only=True))
             p, rec = apply_token_pruning(dataclasses.replace(lm, model=model), cfg), {"loaded": str(weights)}
             log.info("%s: recovered weights from %s", spec, weights)
         elif args.recover:  # own weights: training must not touch the baseline's
-            import copy
-
             p = apply_token_pruning(dataclasses.replace(lm, model=copy.deepcopy(lm.model)), cfg)
             t0 = time.perf_counter()
             tlog = recover_token_pruning(p, recovery_sentences(), steps=args.recover, lr=args.recover_lr,
@@ -203,8 +196,6 @@ def main() -> None:
             row.update(stsb_sent_s=sp["sentences_s"], base_stsb_sent_s=sp["baseline_sentences_s"],
                        stsb_speedup=sp["encode_speedup"])
             if args.sdpa_reference:
-                import copy
-
                 from slimformer.kernels.attention import uninstall
 
                 sents = [x for pair in stsb_pairs("test") for x in pair[:2]][:args.sentences]
@@ -220,7 +211,7 @@ def main() -> None:
                                      "speedup_kernel": ts[0] / ts[1], "speedup_sdpa": ts[2] / ts[3],
                                      "pruned_kernel_vs_base_sdpa": ts[2] / ts[1]})
             if texts:
-                t_p, t_b = _interleaved_medians([lambda: time_long(p), lambda: time_long(base)],
+                t_p, t_b = _interleaved_medians([lambda: time_embed(p, texts), lambda: time_embed(base, texts)],
                                                 speed_cfg, False, "long")
                 row.update(long_texts_s=len(texts) / t_p, base_long_texts_s=len(texts) / t_b,
                            long_speedup=t_b / t_p)

@@ -74,6 +74,8 @@ def feed_pending(runner: CausalRunner, cache: StaticKVCache, seq: torch.Tensor, 
     ids = seq.gather(1, idx)
     if extra is not None:
         ids = torch.cat([ids, extra], dim=1)  # [B, m + k]
+    if ids.shape[1] == 1:  # a draft after a rejection: the one-token step (compiled if it compiles)
+        return runner.forward(ids, cache)
     layout = step_layout(cache, ids.shape[1])
     x = runner.hidden(ids, cache, layout)  # [B, m + k, hidden]
     return runner.logits(x[:, -keep_last:])
@@ -94,11 +96,7 @@ class ModelDraft:
     def propose(self, seq, n, k, sampling, generator) -> Proposal:
         B = seq.shape[0]
         toks, probs = [], []
-        if int((n - self.cache.length).max()) == 1:  # one pending token (after a rejection): a
-            self.cache.length = n - 1  # one-token step, compiled when the runner compiles
-            logits = self.runner.forward(seq.gather(1, (n - 1)[:, None]), self.cache)[:, -1]
-        else:
-            logits = feed_pending(self.runner, self.cache, seq, n)[:, -1]  # [B, V]
+        logits = feed_pending(self.runner, self.cache, seq, n)[:, -1]  # [B, V]
         for j in range(k):
             if sampling.greedy:
                 t = logits.argmax(-1)

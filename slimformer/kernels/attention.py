@@ -67,6 +67,14 @@ def kernel_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return kern.causal_attention(query, key, value, float(scale))
 
 
+def attention_bias(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A bool attention mask (True = attend) as the additive float32 bias the kernel takes
+    (0 / -inf); None (and a float mask) stays as it is."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))
+
+
 def kernel_masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             mask: Optional[torch.Tensor], scale: float) -> Optional[torch.Tensor]:
     """The kernel's ``[B, Lq, H, D]`` output for bidirectional attention with ``mask`` (None, bool
@@ -85,14 +93,6 @@ def kernel_masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch
             return None
         bias = attention_bias(mask)
     return kern.masked_attention(query, key, value, bias, float(scale))
-
-
-def attention_bias(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A bool attention mask (True = attend) as the additive float32 bias the kernel takes
-    (0 / -inf); None (and a float mask) stays as it is."""
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
