@@ -97,12 +97,26 @@ def test_weight_only_kernels_reject_bad_shapes(bits):
 
 
 @needs_kernels
-@pytest.mark.parametrize("m,k,n", [(1, 576, 576), (4, 577, 49), (7, 1536, 3), (13, 33, 130), (16, 40, 17)])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 576), (4, 577, 49), (7, 1536, 3), (8, 576, 100), (9, 48, 31),
+                                   (13, 33, 130), (16, 40, 17)])
 def test_f32_kernel_matches_float64_reference(m, k, n):
     torch.manual_seed(m * k)
     x, w = torch.randn(m, k), torch.randn(n, k)
     y = K.f32_linear(x, w)
     assert _rel_err(y, x.double() @ w.double().t()) < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("k,n", [(576, 100), (577, 47), (33, 16)])
+def test_f32_kernel_rows_do_not_depend_on_how_many_tokens_come_along(k, n):
+    """One token runs single weight rows, 2-4 tokens pairs and more tokens triples of rows: each
+    (row, token) sum is still taken in the same order, so a verify step's logits equal the
+    one-token steps' bit for bit (speculative greedy then matches the plain loop exactly)."""
+    torch.manual_seed(k + n)
+    x, w = torch.randn(11, k), torch.randn(n, k)
+    ones = torch.cat([K.f32_linear(x[i:i + 1], w) for i in range(11)])
+    for m in range(2, 12):
+        assert torch.equal(K.f32_linear(x[:m], w), ones[:m]), m
 
 
 @needs_kernels
@@ -367,6 +381,80 @@ def test_masked_attention_kernel_matches_sdpa(b, h, hk, lq, lk, d, mask):
     assert out.shape == (b, lq, h, d) and out.is_contiguous()
     want = _sdpa(q, k, v, d ** -0.5, m if m is not None else torch.ones(1, 1, lq, lk, dtype=torch.bool))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def _cache_attention_reference(q, k, v, start, first, scale):
+    """The decoding loop's masked SDPA for queries at slots ``first[b] + i`` (step_layout's mask:
+    keys start[b] .. own slot, a pad query sees its own key)."""
+    from slimformer.decoding.runner import grouped_attention
+
+    B, _, Q, _ = q.shape
+    slots = first[:, None] + torch.arange(Q)  # [B, Q]
+    key = torch.arange(k.shape[2])
+    mask = ((key >= start[:, None, None]) & (key <= slots[:, :, None])) | (key == slots[:, :, None])
+    return grouped_attention(q, k, v, mask[:, None], False, scale)
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,h,hk,q,d,starts,lengths,cap", [
+    (1, 9, 3, 1, 64, [0], [160], 320),          # SmolLM2 decode step in a larger cache
+    (1, 9, 3, 8, 64, [0], [160], 168),          # a verify step, keys exactly filled
+    (3, 6, 2, 5, 16, [0, 3, 12], [20, 25, 9], 40),  # left padding; row 2's first queries are pads
+    (2, 4, 4, 3, 32, [1, 0], [33, 7], 48),      # no grouping, key counts that are not a multiple of 16
+])
+def test_decode_attention_kernel_matches_the_loops_masked_sdpa(b, h, hk, q, d, starts, lengths, cap):
+    g = torch.Generator().manual_seed(q * d + b)
+    kc, vc = torch.randn(b, hk, cap, d, generator=g), torch.randn(b, hk, cap, d, generator=g)
+    qs = torch.randn(b, q, h, d, generator=g).transpose(1, 2)  # a strided view, as the runner passes
+    start, first = torch.tensor(starts), torch.tensor(lengths)
+    kv_len = int(first.max()) + q
+    for T in (kv_len, cap):  # eager steps slice the cache; compiled steps pass all of it
+        k, v = kc[:, :, :T], vc[:, :, :T]
+        out = K.decode_attention(qs, k, v, start, first, d ** -0.5)
+        assert out.shape == (b, q, h, d) and out.is_contiguous()
+        torch.testing.assert_close(out, _cache_attention_reference(qs, k, v, start, first, d ** -0.5),
+                                   rtol=1e-5, atol=1e-5)
+        for i in range(q):  # each query alone (a one-token step at its slot): the same bits
+            one = K.decode_attention(qs[:, :, i:i + 1], k, v, start, first + i, d ** -0.5)
+            assert torch.equal(one[:, 0], out[:, i]), i
+    assert torch.equal(torch.ops.slimformer.decode_attention(qs, kc, vc, start, first, d ** -0.5),
+                       K.decode_attention(qs, kc, vc, start, first, d ** -0.5))
+
+
+@needs_kernels
+def test_decode_attention_kernel_rejects_bad_input():
+    q, k, v = torch.randn(1, 4, 2, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
+    start, first = torch.zeros(1, dtype=torch.long), torch.tensor([8])
+    with pytest.raises(RuntimeError, match="outside the 10 cache slots"):
+        K.decode_attention(q, k, v, start, torch.tensor([9]), 0.25)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        K.decode_attention(q[..., :8], k[..., :8], v[..., :8], start, first, 0.25)
+    with pytest.raises(RuntimeError, match="int64"):
+        K.decode_attention(q, k, v, start.int(), first, 0.25)
+    with pytest.raises(RuntimeError, match="kv heads evenly"):
+        K.decode_attention(torch.randn(1, 3, 2, 16), k, v, start, first, 0.25)
+
+
+@needs_kernels
+def test_decode_steps_use_the_cache_attention_kernel_and_keep_the_tokens(monkeypatch):
+    """Decode and verify steps of the loop (eager, compiled, speculative) run decode_attention;
+    the tokens equal those of the loop on SDPA."""
+    import slimformer.decoding.runner as runner_mod
+    import slimformer.kernels.attention as attn
+    from slimformer.decoding.speculative import speculative_generate
+
+    torch._dynamo.reset()
+    lm = tiny_model("llama")
+    prompts = ["Hello world, this is", "ab"]
+    with _counting_kernel(attn, "decode_attention") as calls:
+        plain = generate(lm, prompts, 10, stop_on_eos=False).tokens
+        spec = speculative_generate(lm, prompts, 10, draft=slimformer.decoding.speculative.early_exit_draft(lm, 1),
+                                    num_draft=3, stop_on_eos=False).tokens
+    assert {c[2] for c in calls} >= {1, 4}  # one-token steps and 4-token verify steps
+    compiled = generate(lm, prompts, 10, stop_on_eos=False, runner=CausalRunner(lm, compile=True)).tokens
+    monkeypatch.setattr(runner_mod, "kernel_decode_attention", lambda *a: None)
+    sdpa = generate(lm, prompts, 10, stop_on_eos=False).tokens
+    assert plain == spec == compiled == sdpa
 
 
 @needs_kernels

@@ -26,7 +26,7 @@ from slimformer.decoding.cache import (StaticKVCache, StepLayout, advance, stati
 from slimformer.errors import SlimformerError
 from slimformer.formats.fused import Int8GatedMLP
 from slimformer.formats.linear import few_token_linear
-from slimformer.kernels.attention import kernel_causal_attention
+from slimformer.kernels.attention import kernel_causal_attention, kernel_decode_attention
 from slimformer.models.registry import get_module
 from slimformer.primitives.rotary import apply_rotary
 
@@ -219,6 +219,8 @@ class CausalRunner:
         a = None
         if layout.is_causal and layout.mask is None:  # unpadded prompt, empty cache: a square
             a = kernel_causal_attention(qs, K, V, self.scales[i])  # [B, q, H, D] or None
+        else:  # a decode / verify step over the cache (no mask tensor needed)
+            a = kernel_decode_attention(qs, K, V, cache.start, layout.write_idx[:, 0], self.scales[i])
         if a is None:
             a = grouped_attention(qs, K, V, layout.mask, layout.is_causal, self.scales[i])  # [B, q, H, D]
         if cache.attn_observer is not None:  # e.g. heavy-hitter KV eviction scores

@@ -85,6 +85,10 @@ def _register_fakes() -> None:
     def _f32(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("slimformer::decode_attention")
+    def _decode_attention(q, k, v, start, first, scale):
+        return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+
     @torch.library.register_fake("slimformer::w8a8_linear")
     def _w8a8(x, w, wscale, bias, act_scale):
         return x.new_empty(x.shape[0], w.shape[0])

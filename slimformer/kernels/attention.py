@@ -11,6 +11,15 @@
   -- where ``cpu_kernels().masked_attention`` (the same tiles, every key visible, the additive
   mask added before the softmax) takes 0.3-0.8 ms. It is used up to ``ENCODER_MAX_KEYS`` keys;
   at 256 keys they tie and at 512 SDPA wins (``benchmarks/RESULTS.md``, token pruning "Stop 16").
+* **Decode and verify steps over a KV cache** (our decoding loop, ``slimformer.decoding``).
+  SDPA costs ~30 us for one SmolLM2 query against 160 cached keys, ~60 us in a compiled step
+  (which attends over the whole masked cache) and ~90 us for an 8-token verify step with its
+  mask: fixed costs, per head. ``cpu_kernels().decode_attention`` reads the visible keys in
+  place (no mask tensor: query ``i`` of row ``b`` sees slots ``start[b]`` .. its own) and takes
+  ~8-12 us and ~40 us. A whole SmolLM2 step: target -0.7 ms, compiled W8A8 draft -1.4 ms,
+  8-token verify -3.2 ms (``benchmarks/RESULTS.md``, "Stop 17"). The runner calls it directly
+  (:func:`kernel_decode_attention`, up to ``DECODE_MAX_QUERIES`` queries), not through
+  ``AttentionInterface``.
 
 Same sums in another order: outputs agree with SDPA to float rounding (tested at 1e-5).
 
@@ -20,13 +29,12 @@ model's config at it. Only fp32 without autograd, head dim a multiple of 16, not
 and then: a causal module only for a plain causal square (no attention mask: an unpadded
 prompt; as many keys as queries: prefill without a cache); a non-causal module (an encoder)
 for up to ``ENCODER_MAX_KEYS`` keys with no mask or a mask shared by the heads (a bool or
-additive ``[B|1, 1, Lq|1, Lk]``). Everything else -- decode steps, padded causal batches,
-training, autocast -- goes to transformers' own SDPA function unchanged. Every causal LM and
+additive ``[B|1, 1, Lq|1, Lk]``). Everything else -- HF's own decode steps, padded causal
+batches, training, autocast -- goes to transformers' own SDPA function unchanged. Every causal LM and
 encoder slimformer hands out (``LoadedModel``: loaded, compressed, tiny -- the uncompressed
 baselines too, so speed ratios between a compressed or token-pruned model and its baseline never
 credit the attention kernel to compression) has it installed; ``SLIMFORMER_NO_KERNELS=1`` turns
-it off with the other kernels. (Our decode loop's one-token and verify steps stay on SDPA: the
-kernel measured no faster there, ``benchmarks/RESULTS.md``.)
+it off with the other kernels.
 """
 from __future__ import annotations
 
@@ -39,16 +47,17 @@ from slimformer.kernels import cpu_kernels
 
 NAME = "slimformer-causal"  # (the name predates the encoder path)
 ENCODER_MAX_KEYS = 128  # masked_attention beats SDPA up to here (see the module doc)
+DECODE_MAX_QUERIES = 16  # decode / verify steps; longer feeds (a prompt chunk) stay on SDPA
 
 
-def _common_ok(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+def _common_ok(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, compiling_ok: bool = False) -> bool:
     """fp32, head dim a multiple of 16, whole query groups per KV head, no autograd, not inside
-    ``torch.compile``."""
+    ``torch.compile`` (unless the caller goes through the dispatcher op)."""
     return (query.dtype == key.dtype == value.dtype == torch.float32
             and query.shape[-1] % 16 == 0 and query.shape[1] % key.shape[1] == 0
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                                   or value.requires_grad))
-            and not torch.compiler.is_compiling())
+            and (compiling_ok or not torch.compiler.is_compiling()))
 
 
 def _kernel_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -65,6 +74,22 @@ def kernel_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     if kern is None or not _kernel_takes(query, key, value):
         return None
     return kern.causal_attention(query, key, value, float(scale))
+
+
+def kernel_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor,
+                            first: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
+    """Attention of ``q`` [B, H, q, D] new queries over a KV cache ``key`` / ``value`` [B, Hkv, T, D]
+    (a decode or verify step): query ``i`` of row ``b`` sits at slot ``first[b] + i`` and sees keys
+    ``start[b]`` .. its own slot (a pad query before ``start[b]``: its own key only). Returns
+    ``[B, q, H, D]``, or ``None`` when the kernel cannot take these tensors (no kernels, more than
+    ``DECODE_MAX_QUERIES`` queries, not fp32, autograd, odd head dim). Inside ``torch.compile`` it
+    is the dispatcher op ``torch.ops.slimformer.decode_attention``."""
+    kern = cpu_kernels()
+    if kern is None or query.shape[2] > DECODE_MAX_QUERIES or not _common_ok(query, key, value, compiling_ok=True):
+        return None
+    if torch.compiler.is_compiling():
+        return torch.ops.slimformer.decode_attention(query, key, value, start, first, float(scale))
+    return kern.decode_attention(query, key, value, start, first, float(scale))
 
 
 def attention_bias(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -45,21 +45,17 @@ namespace {
 
 constexpr int64_t kTileRows = 16;  // weight rows applied to every token block before moving on
 constexpr int kMaxTokenBlock = 8;  // token rows sharing one pass over a weight row (registers)
-// fp32: blocks of 4 (a 9-token verify step makes 3 passes over each 16-row tile, the later ones
-// from cache): with weights streaming from memory, SmolLM2's linears at 8 tokens take ~30 ms in
-// blocks of 4 and ~38 ms in one block of 8 (at one token ~18-20 ms either way).
-constexpr int kF32TokenBlock = 4;
 
-// Calls fn(t0, t1, m0, mb) for every tile of kTileRows weight rows (tiles split across threads)
+// Calls fn(t0, t1, m0, mb) for every tile of ``tile`` weight rows (tiles split across threads)
 // and, inside a tile, every block of mb <= kMaxTokenBlock token rows: a tile stays in cache while
 // all token blocks use it.
 template <typename Fn>
-void over_tiles(int64_t N, int64_t M, int64_t grain, const Fn& fn, int block = kMaxTokenBlock) {
+void over_tiles(int64_t N, int64_t M, int64_t grain, const Fn& fn, int64_t tile = kTileRows) {
   at::parallel_for(0, N, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t t0 = c0; t0 < c1; t0 += kTileRows) {
-      const int64_t t1 = std::min(t0 + kTileRows, c1);
-      for (int64_t m0 = 0; m0 < M; m0 += block)
-        fn(t0, t1, m0, static_cast<int>(std::min<int64_t>(block, M - m0)));
+    for (int64_t t0 = c0; t0 < c1; t0 += tile) {
+      const int64_t t1 = std::min(t0 + tile, c1);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxTokenBlock)
+        fn(t0, t1, m0, static_cast<int>(std::min<int64_t>(kMaxTokenBlock, M - m0)));
     }
   });
 }
@@ -367,37 +363,64 @@ torch::Tensor int8w_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
 
 namespace {
 
-// Rows n0..n1 of W [N, K] against MB token rows of x [M, K], one weight row at a time: the
-// weights are then read as one sequential stream, which the hardware prefetcher follows best
-// (measured: 22 GB/s on one thread vs 13-16 GB/s for 4 or 8 interleaved row streams).
-template <int MB>
-void f32_block(const float* w, const float* const* xr, int64_t K, int64_t n0, int64_t n1,
-               float* y, int64_t m0, int64_t N) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* wr = w + n * K;
+// R weight rows x MB token rows of x [M, K] in registers (R * MB accumulators): each weight
+// vector loaded feeds MB multiply-adds and each x vector R. One token (a decode step) runs R = 1:
+// the weights are then read as one sequential stream, which the hardware prefetcher follows
+// best (measured: 22 GB/s on one thread vs 13-16 GB/s for 4 or 8 interleaved row streams).
+// Several tokens (a verify step) are bound by the multiply-adds as much as by memory, so they
+// run 2 or 3 rows at a time with a software prefetch of the weights ~16 KB ahead into L2 (that
+// keeps memory busy while the core computes). Every (row, token) sum is accumulated in the same
+// order whatever R and MB, so a verify step's rows equal one-token steps' bit for bit.
+template <int R, int MB>
+inline void f32_rows(const float* w, const float* const* xr, int64_t K, int64_t n, float* y, int64_t m0,
+                     int64_t N, bool prefetch) {
+  const float* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w + (n + r) * K;
 #if SF_AVX512
-    __m512 acc[MB];
-    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      const __m512 wv = _mm512_loadu_ps(wr + k);
-      for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr[m] + k), acc[m]);
+  constexpr int64_t kAhead = 4096;  // floats (16 KB) ahead, into L2
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (prefetch)
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + kAhead), _MM_HINT_T1);
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(wr[r] + k);
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_loadu_ps(xr[m] + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
     }
-    if (k < K) {
-      const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
-      const __m512 wv = _mm512_maskz_loadu_ps(mask, wr + k);
-      for (int m = 0; m < MB; ++m)
-        acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, xr[m] + k), acc[m]);
+  }
+  if (k < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, wr[r] + k);
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, xr[m] + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
     }
-    for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n] = _mm512_reduce_add_ps(acc[m]);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
 #else
+  (void)prefetch;
+  for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) {
       float a = 0.f;
-      for (int64_t k = 0; k < K; ++k) a += wr[k] * xr[m][k];
-      y[(m0 + m) * N + n] = a;
+      for (int64_t k = 0; k < K; ++k) a += wr[r][k] * xr[m][k];
+      y[(m0 + m) * N + n + r] = a;
     }
 #endif
-  }
+}
+
+// Rows n0..n1 in groups of R (the last few one at a time).
+template <int R, int MB>
+void f32_block(const float* w, const float* const* xr, int64_t K, int64_t n0, int64_t n1, float* y,
+               int64_t m0, int64_t N, bool prefetch) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) f32_rows<R, MB>(w, xr, K, n, y, m0, N, prefetch);
+  for (; n < n1; ++n) f32_rows<1, MB>(w, xr, K, n, y, m0, N, prefetch);
 }
 
 }  // namespace
@@ -414,11 +437,21 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor weight) {
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  // one token: single rows, no prefetch; 2-4 tokens: pairs of rows; more: triples of rows in
+  // token blocks of 8 (24 accumulators), the later blocks from cache. SmolLM2's linears (30
+  // blocks) at 8 tokens: ~21 ms in single rows with blocks of 4, ~16 ms so; at 4: ~15 -> ~12 ms.
+  const int rows = M == 1 ? 1 : (M <= 4 ? 2 : 3);
   over_tiles(N, M, 64, [&](int64_t t0, int64_t t1, int64_t m0, int mb) {
     const float* xr[kMaxTokenBlock];
     for (int i = 0; i < mb; ++i) xr[i] = xp + (m0 + i) * K;
-    with_block(mb, [&](auto B) { f32_block<decltype(B)::value>(wp, xr, K, t0, t1, yp, m0, N); });
-  }, kF32TokenBlock);
+    const bool pf = rows > 1 && m0 == 0;
+    with_block(mb, [&](auto B) {
+      constexpr int MB = decltype(B)::value;
+      if (rows == 3) f32_block<3, MB>(wp, xr, K, t0, t1, yp, m0, N, pf);
+      else if (rows == 2) f32_block<2, MB>(wp, xr, K, t0, t1, yp, m0, N, pf);
+      else f32_block<1, MB>(wp, xr, K, t0, t1, yp, m0, N, pf);
+    });
+  }, rows == 3 ? 15 : kTileRows);
   return y;
 }
 
@@ -955,6 +988,131 @@ torch::Tensor masked_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return attention_impl(q, k, v, bias.has_value() ? *bias : torch::Tensor(), false, scale, "masked_attention");
 }
 
+namespace {
+// sum_d a[d] b[d] for D a multiple of 16.
+inline float dot_f32(const float* a, const float* b, int64_t D) {
+#if SF_AVX512
+  __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+  for (int64_t d = 16; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  return _mm512_reduce_add_ps(acc);
+#else
+  float acc = 0.f;
+  for (int64_t d = 0; d < D; ++d) acc += a[d] * b[d];
+  return acc;
+#endif
+}
+}  // namespace
+
+// Decode / verify attention over a KV cache: Q new queries per row (a one-token decode step or
+// a speculative verify step) against the cache's keys, no mask tensor. Query i of row b sits at
+// slot s = first[b] + i and sees the keys start[b] .. s (a contiguous range: left padding before
+// start[b], later draft tokens after s); a pad query (s < start[b]) sees only key s (the
+// decoding loop's convention: its output is never used). q [B, H, Q, D]; k / v [B, Hkv, T, D]
+// (views of the cache, any strides but unit stride on D; T > every s) -> out [B, Q, H, D].
+//
+// SDPA's CPU kernel costs ~30 us for one query against 160 keys (SmolLM2: 9 heads, 3 KV heads)
+// and ~90 us for 8 queries with a mask, mostly fixed costs; a compiled step with the whole
+// masked cache pays ~60 us. Here one task is one (row, KV head): each visible key is read once
+// in place and dotted with the G query heads x Q queries that share that KV head, then
+// softmax_row and pv_tile as in attention_impl. Row i's result does not depend on
+// Q (the same sums in the same order; P is exactly 0 past a query's own slot), so a verify step
+// and a one-token step compute the same attention for the same query.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor start,
+                               torch::Tensor first, double scale) {
+  const char* who = "decode_attention";
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, who, ": q, k, v must be 4-D [B, H, L, D]");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
+              v.scalar_type() == torch::kFloat32, who, ": float32 only");
+  const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3), Hk = k.size(1), T = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hk && v.size(2) == T && k.size(3) == D &&
+              v.size(3) == D, who, ": k / v must be [B, Hkv, T, D] matching q");
+  TORCH_CHECK(Hk > 0 && H % Hk == 0, who, ": ", H, " heads do not share ", Hk, " kv heads evenly");
+  TORCH_CHECK(D % 16 == 0, who, ": head dim ", D, " is not a multiple of 16");
+  TORCH_CHECK(start.dim() == 1 && first.dim() == 1 && start.size(0) == B && first.size(0) == B &&
+              start.scalar_type() == torch::kLong && first.scalar_type() == torch::kLong,
+              who, ": start / first must be int64 [B]");
+  start = start.contiguous();
+  first = first.contiguous();
+  const int64_t* sp = start.data_ptr<int64_t>();
+  const int64_t* fp = first.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(fp[b] >= 0 && sp[b] >= 0 && fp[b] + Q <= T, who, ": row ", b, " writes slots ", fp[b], "..",
+                fp[b] + Q - 1, " outside the ", T, " cache slots");
+  if (q.stride(3) != 1) q = q.contiguous();
+  if (k.stride(3) != 1) k = k.contiguous();
+  if (v.stride(3) != 1) v = v.contiguous();
+  auto out = torch::empty({B, Q, H, D}, q.options());
+  const int64_t G = H / Hk, R = G * Q;  // query rows per task: (head g, query i), i fastest
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t qsb = q.stride(0), qsh = q.stride(1), qsl = q.stride(2);
+  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksl = k.stride(2);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsl = v.stride(2);
+  const float fscale = static_cast<float>(scale);
+  const int64_t ntask = B * Hk;
+
+  auto task = [&](int64_t t) {
+    const int64_t b = t / Hk, hk = t % Hk;
+    const int64_t lo = sp[b], last = fp[b] + Q - 1;  // keys lo .. last cover every query of the row
+    const int64_t n = std::max<int64_t>(last - lo + 1, 1);
+    const int64_t kb = std::min(lo, last);  // all-pad row: one key, its own slot (below)
+    const int64_t lds = ((n + 15) / 16) * 16;
+    thread_local std::vector<float> sbuf, ibuf;
+    sbuf.resize(static_cast<size_t>(R * lds));
+    ibuf.resize(static_cast<size_t>(R));
+    float* S = sbuf.data();
+    const float* kbase = kp + b * ksb + hk * ksh + kb * ksl;
+    const float* vbase = vp + b * vsb + hk * vsh + kb * vsl;
+    auto qrow = [&](int64_t r) { return qp + b * qsb + (hk * G + r / Q) * qsh + (r % Q) * qsl; };
+    auto orow = [&](int64_t r) { return op + ((b * Q + r % Q) * H + hk * G + r / Q) * D; };
+    // scores: one key row at a time against every query row (a dot product each; the keys are
+    // read in place, in cache order)
+    for (int64_t j = 0; j < n; ++j) {
+      const float* kr = kbase + j * ksl;
+      for (int64_t r = 0; r < R; ++r) S[r * lds + j] = fscale * dot_f32(qrow(r), kr, D);
+    }
+    float* inv = ibuf.data();
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t s = fp[b] + r % Q;
+      inv[r] = softmax_row(S + r * lds, nullptr, std::max<int64_t>(s - kb + 1, 1), n);
+    }
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, R - r0));
+      const float* pr[4];
+      float* orr[4];
+      for (int r = 0; r < mr; ++r) { pr[r] = S + (r0 + r) * lds; orr[r] = orow(r0 + r); }
+      for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int dv = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
+        with_1to4(mr, [&](auto M) {
+          with_1to4(dv, [&](auto V) {
+            pv_tile<decltype(M)::value, decltype(V)::value>(pr, vbase, vsl, n, d0, orr, inv + r0);
+          });
+        });
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {  // a pad query (slot before start) sees only its own key
+      const int64_t s = fp[b] + r % Q;
+      if (s < lo) std::memcpy(orow(r), vp + b * vsb + hk * vsh + s * vsl, sizeof(float) * D);
+    }
+  };
+  // small work (a one-token step: ~0.1 M multiply-adds) stays on the calling thread: handing
+  // three tasks to the pool costs more than computing them
+  int64_t work = 0;  // multiply-adds of the scores
+  for (int64_t b = 0; b < B; ++b) work += H * Q * std::max<int64_t>(fp[b] + Q - sp[b], 1) * D;
+  if (ntask == 1 || work < (int64_t{1} << 19)) {
+    for (int64_t t = 0; t < ntask; ++t) task(t);
+  } else {
+    std::atomic<int64_t> next{0};
+    const int64_t nthreads = std::min<int64_t>(std::max(1, at::get_num_threads()), ntask);
+    at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+      for (int64_t t = next.fetch_add(1); t < ntask; t = next.fetch_add(1)) task(t);
+    });
+  }
+  return out;
+}
+
 // ============================================================================================
 // EViT token reduction between two encoder blocks, in one call (slimformer/prune/tokens.py is
 // the reference: attention_received(mode="cls"), evit_keep, fuse_tokens, compact). Between
@@ -1097,6 +1255,7 @@ TORCH_LIBRARY_FRAGMENT(slimformer, m) {
   m.def("int8w_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int group_size, float zero_const) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor start, Tensor first, float scale) -> Tensor");
   m.def("w8a8_gated_mlp(Tensor x, Tensor wgu, Tensor sgu, Tensor? agu, Tensor wd, Tensor sd, Tensor? bd, Tensor? ad) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor w, Tensor wscale, Tensor? bias, Tensor? act_scale) -> Tensor");
 }
@@ -1107,6 +1266,7 @@ TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
   m.impl("f32_linear", &f32_linear);
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("causal_attention", &causal_attention);
+  m.impl("decode_attention", &decode_attention);
   m.impl("w8a8_gated_mlp", &w8a8_gated_mlp);
 }
 
@@ -1119,6 +1279,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_attention", &causal_attention, "causal prefill attention over a square prompt (GQA)");
   m.def("masked_attention", &masked_attention, "bidirectional attention with an additive mask bias (GQA)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("scale"));
+  m.def("decode_attention", &decode_attention, "decode / verify attention of a few queries over a KV cache (GQA)");
   m.def("w8a8_gated_mlp", &w8a8_gated_mlp, "W8A8 gated MLP: down(silu(gate(x)) * up(x)) in one call");
   m.def("evit_reduce", &evit_reduce, "EViT token reduction between encoder blocks (scores, keep, fuse, compact)");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled");
