@@ -197,3 +197,35 @@ def test_w4_self_draft_with_int8_head_and_compiled_steps_is_lossless(compile):
     one = speculative_generate(lm, PROMPTS[0], 16, draft=d, num_draft=3, stop_on_eos=False)
     assert one.tokens == ref[:1]
     assert d.cost < 1.0  # W4 weights: a draft step reads fewer bytes than a target step
+
+
+def test_int8_head_of_a_draft_reuses_an_int8_weight_only_heads_codes():
+    """The ``w8a8`` recipe's weight-only int8 head (``head: int8``) becomes W8A8 with the very
+    same codes and scales (only activations are now rounded); the draft stays lossless; a W4
+    head stays as it is."""
+    import copy
+
+    from slimformer import compress
+    from slimformer.decoding.speculative import _int8_head, model_draft
+    from slimformer.formats import QuantLinear
+    from slimformer.formats.linear import Int8Linear
+    from slimformer.primitives.affine import QuantSpec, quantize
+
+    lm = tiny_model("llama")
+    draft = copy.deepcopy(lm)
+    compress(draft, "w8a8", progress=False)
+    head = draft.model.lm_head
+    assert isinstance(head, QuantLinear) and head.spec.bits == 8
+    w8 = _int8_head(head)
+    assert isinstance(w8, Int8Linear)
+    torch.testing.assert_close(w8.weight_codes().float() * w8.weight_scale[:, None], head.dequantized_weight(),
+                               rtol=0, atol=0)
+    x = torch.randn(3, head.in_features)
+    assert (w8(x) - head(x)).abs().max() < 0.05 * head(x).abs().max()  # activation rounding only
+    d = model_draft(lm, draft, int8_head=True)
+    assert isinstance(d.runner.head, Int8Linear) and draft.model.lm_head is head  # the folder's model is untouched
+    ref = generate(lm, PROMPTS, 12, stop_on_eos=False).tokens
+    assert speculative_generate(lm, PROMPTS, 12, draft=d, num_draft=3, stop_on_eos=False).tokens == ref
+    w4_head = QuantLinear.from_quantized(quantize(tiny_model("llama").model.lm_head.weight.detach(),
+                                                  QuantSpec(bits=4, symmetric=True, group_size=16)))
+    assert _int8_head(w4_head) is w4_head

@@ -176,7 +176,7 @@ def model_draft(target_lm, draft_lm, compile: bool = False, int8_head: bool = Fa
 
     ``int8_head``: the draft's runner uses a W8A8 copy of its LM head (the vocabulary
     projection is the largest matrix a small model reads per token; a W4/W8A8 checkpoint
-    keeps it fp32 for quality). Only proposals change: the target verifies every token, so
+    keeps it fp32 or int8 weight-only, for quality). Only proposals change: the target verifies every token, so
     the output is exactly the target's either way. The draft model itself is not modified."""
     from slimformer.decoding.speed import weight_bytes_per_token
 
@@ -191,15 +191,24 @@ def model_draft(target_lm, draft_lm, compile: bool = False, int8_head: bool = Fa
 
 
 def _int8_head(head: nn.Module) -> nn.Module:
-    """A W8A8 (per-channel int8 weights, per-token int8 activations) copy of an fp32 head: the
-    ``w8a8`` recipe's own conversion."""
+    """A W8A8 (per-channel int8 weights, per-token int8 activations) copy of the head: an fp32
+    head by the ``w8a8`` recipe's own conversion; an int8 weight-only head (a ``head: int8``
+    folder) keeps its codes and scales and only gains int8 activations (the W8A8 kernel's int8
+    products: 0.46 vs 1.18 ms for SmolLM2's head in one-token steps, ``benchmarks/RESULTS.md``
+    "Stop 17"). Any other head is kept as it is."""
+    from slimformer.formats import Int8Linear, QuantLinear
     from slimformer.quant.config import W8A8Config
     from slimformer.quant.w8a8 import w8a8_linear
 
+    if isinstance(head, QuantLinear):
+        try:
+            return Int8Linear.from_quantized(head.quantized(), head.bias)
+        except ValueError:
+            return head  # not symmetric 8-bit per row (a W4 head, say)
     try:
         return w8a8_linear(head, W8A8Config())
     except TypeError:
-        return head  # already compressed, or not a plain linear: keep it
+        return head  # already W8A8, or not a plain linear: keep it
 
 
 def check_same_vocab(target_lm, draft_lm) -> None:
