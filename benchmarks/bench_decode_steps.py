@@ -4,13 +4,15 @@ in one process (interleaved medians), the pieces of Leviathan's cost model.
 * target (fp32) one-token step, eager: the plain loop's per-token cost;
 * target verify steps of 8 and 9 tokens (a draft of 7 or 8 plus the pending token), eager;
 * the draft's one-token step (a compressed folder), compiled (``CausalRunner(compile=True)``)
-  and eager; ``--skip-guards`` adds a compiled step run under
-  ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` (Dynamo's guard check left out).
+  and eager, and its two-token step (catching up after a round whose proposals were all
+  accepted); ``--skip-guards`` adds a compiled step run under
+  ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` (Dynamo's guard check left out);
+  ``--draft-int8-head`` gives the draft a W8A8 head (as ``bench_speculative.py --draft-int8-head``).
 
 Each forward runs after a 160-token prefill into a 320-slot cache and is rolled back, so every
 timing sees the same context.
 
-    python benchmarks/bench_decode_steps.py --draft out/smollm2-w8a8-h8 [--runs 5] [--threads 2]
+    python benchmarks/bench_decode_steps.py --draft out/smollm2-w8a8-h8 [--draft-int8-head] [--runs 5] [--threads 2]
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20, help="timed forwards per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-guards", action="store_true")
+    ap.add_argument("--draft-int8-head", action="store_true", help="the draft's head as W8A8 (speculative.py)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -40,6 +43,10 @@ def main() -> None:
 
     t_lm, d_lm = load(args.target), load(args.draft)
     target, draft_c, draft_e = CausalRunner(t_lm), CausalRunner(d_lm, compile=True), CausalRunner(d_lm)
+    if args.draft_int8_head:
+        from slimformer.decoding.speculative import _int8_head
+
+        draft_c.head = draft_e.head = _int8_head(draft_c.head)
     prompt = torch.randint(100, 20000, (1, 160), generator=torch.Generator().manual_seed(0))
 
     def timed(runner, q: int, skip: bool = False) -> float:
@@ -64,7 +71,9 @@ def main() -> None:
             ("target 8-token verify (eager)", target, 8, False),
             ("target 9-token verify (eager)", target, 9, False),
             ("draft one-token step (compiled)", draft_c, 1, False),
-            ("draft one-token step (eager)", draft_e, 1, False)]
+            ("draft one-token step (eager)", draft_e, 1, False),
+            ("draft two-token step (compiled)", draft_c, 2, False),
+            ("draft two-token step (eager)", draft_e, 2, False)]
     if args.skip_guards:
         rows.append(("draft one-token step (compiled, guards skipped)", draft_c, 1, True))
     times: dict[str, list[float]] = {r[0]: [] for r in rows}
@@ -81,7 +90,8 @@ def main() -> None:
         ms = statistics.median(times[name])
         out[name] = ms
         print(f"| {name} | {ms:.2f} | {ms / base:.2f} |")
-    emit({"target": args.target, "draft": args.draft, "threads": args.threads, "ms": out}, args.json)
+    emit({"target": args.target, "draft": args.draft, "draft_int8_head": args.draft_int8_head,
+          "threads": args.threads, "ms": out}, args.json)
 
 
 if __name__ == "__main__":

@@ -180,7 +180,8 @@ def test_compiled_decode_gives_the_eager_tokens():
 
 
 def test_compiled_runners_skip_guards_without_mixing_graphs():
-    """After its first compiled step a runner skips Dynamo's guard check for that shape; two
+    """After its first compiled step a runner skips Dynamo's guard check for that shape (batch,
+    tokens, capacity); two
     compiled runners of different models (one code object, two graphs) and a second capacity
     must still each get their own graph: every step equals its eager runner's."""
     torch._dynamo.reset()
@@ -188,16 +189,17 @@ def test_compiled_runners_skip_guards_without_mixing_graphs():
     ca, cb = CausalRunner(a_lm, compile=True), CausalRunner(b_lm, compile=True)
     ea, eb = CausalRunner(a_lm), CausalRunner(b_lm)
     with torch.inference_mode():
-        for capacity in (8, 200):  # rounds up to 128, then 256: a second shape
+        for capacity in (16, 200):  # rounds up to 128, then 256: a second shape
             caches = {r: r.new_cache(1, capacity) for r in (ca, cb, ea, eb)}
             for r, c in caches.items():
                 r.prefill(torch.tensor([[1, 2, 3]]), torch.zeros(1, dtype=torch.long), c)
-            for step in range(4):
-                tok = torch.tensor([[5 + step]])
+            for step in range(6):  # one-token steps, then two-token steps (a draft catching up)
+                tok = torch.tensor([[5 + step]]) if step < 3 else torch.tensor([[5 + step, 9]])
                 for comp, ref in ((ca, ea), (cb, eb)):
                     torch.testing.assert_close(comp.forward(tok, caches[comp]), ref.forward(tok, caches[ref]),
                                                rtol=1e-4, atol=1e-4)
-    assert len(ca._warm) == len(cb._warm) == 2
+                    assert torch.equal(caches[comp].length, caches[ref].length)
+    assert len(ca._warm) == len(cb._warm) == 4  # (1 and 2 tokens) x 2 capacities
 
 
 def test_compiled_step_falls_back_for_ragged_caches():

@@ -64,11 +64,13 @@ class CausalRunner:
     ``freezing`` treats the weights as constants (fused element-wise kernels, pre-packed GEMM
     weights): the model must not change after the first compiled step, and the first step of
     each new (batch, capacity) pays the compilation (about a minute for SmolLM2-135M on 2 CPU
-    cores). Prefill, multi-token verify steps and caches with an attention observer (KV
-    eviction) stay eager.
+    cores). Two-token steps after the prompt (a speculative draft catching up after a round
+    whose proposals were all accepted) are compiled too, as a second graph. Prefill, longer
+    verify steps and caches with an attention observer (KV eviction) stay eager.
     """
 
     CAPACITY_STEP = 128
+    COMPILED_MAX_TOKENS = 2  # steps of up to this many tokens after the prompt run compiled
 
     def __init__(self, lm, exit_layer: Optional[int] = None, compile: bool = False):
         spec = lm.arch
@@ -125,11 +127,13 @@ class CausalRunner:
         ``last_only`` computes the LM head for the last position only: prefill of plain
         generation needs just one next-token distribution, and the head is the largest matmul.
         """
-        if self.compile and ids.shape[1] == 1 and self._compilable(cache):
+        q = ids.shape[1]
+        if (self.compile and q <= self.COMPILED_MAX_TOKENS and self._compilable(cache)
+                and (q == 1 or bool((cache.length > 0).all()))):  # not a short prompt's prefill
             logits = self._compiled_forward(ids, cache)
             if logits is not None:
-                advance(cache, 1)
-                return logits
+                advance(cache, q)
+                return logits[:, -1:] if last_only else logits
         layout = step_layout(cache, ids.shape[1])
         x = self.hidden(ids, cache, layout)
         if last_only:
@@ -157,7 +161,7 @@ class CausalRunner:
             self._compiled_step = torch.compile(self.static_forward, dynamic=False, fullgraph=True,
                                                 options={"freezing": True})
         exc = torch._dynamo.exc
-        key = (ids.shape[0], cache.capacity, cache.position_offset is None, torch.is_grad_enabled(),
+        key = (ids.shape, cache.capacity, cache.position_offset is None, torch.is_grad_enabled(),
                torch.is_inference_mode_enabled())
         try:
             if key in self._warm:

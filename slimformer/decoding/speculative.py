@@ -74,8 +74,10 @@ def feed_pending(runner: CausalRunner, cache: StaticKVCache, seq: torch.Tensor, 
     ids = seq.gather(1, idx)
     if extra is not None:
         ids = torch.cat([ids, extra], dim=1)  # [B, m + k]
-    if ids.shape[1] == 1:  # a draft after a rejection: the one-token step (compiled if it compiles)
-        return runner.forward(ids, cache)
+    if ids.shape[1] == 1 or (runner.compile and ids.shape[1] <= runner.COMPILED_MAX_TOKENS):
+        # a draft catching up (one token after a rejection, two after a fully accepted round):
+        # the runner's step, compiled if it compiles
+        return runner.forward(ids, cache)[:, -keep_last:]
     layout = step_layout(cache, ids.shape[1])
     x = runner.hidden(ids, cache, layout)  # [B, m + k, hidden]
     return runner.logits(x[:, -keep_last:])
