@@ -138,6 +138,12 @@ def test_cli_generate_plain_and_speculative(monkeypatch, capsys):
                  "--draft-int8-head"]) == 0
     drafted = capsys.readouterr()
     assert "acceptance" in drafted.err and drafted.out == plain.out
+    assert main(["generate", "--model", "x", "--prompt", "abcabc", "-n", "8", "--draft", "y", "--max-draft", "7"]) == 0
+    assert capsys.readouterr().out == plain.out
+    assert main(["generate", "--model", "x", "--prompt", "abc", "--max-draft", "7"]) == 2
+    assert "--max-draft needs a draft" in capsys.readouterr().err
+    assert main(["generate", "--model", "x", "--prompt", "abc", "--prompt-lookup", "-k", "4", "--max-draft", "3"]) == 2
+    assert "max_draft (3) must be >= num_draft (4)" in capsys.readouterr().err
 
 
 def test_static_step_equals_dynamic_step(lm):

@@ -26,12 +26,15 @@ def register(group: click.Group) -> None:
 @click.option("--num-draft", "-k", default=4, show_default=True, type=int, help="Draft length k.")
 @click.option("--adaptive/--fixed", default=True, show_default=True,
               help="Adapt k to the running acceptance rate.")
+@click.option("--max-draft", type=int, default=None,
+              help="Longest adaptive draft (default 2 x k). 7 makes a verify 8 tokens, one pass of our "
+                   "few-token kernels.")
 @click.option("--threads", default=0, type=int, help="torch threads (0 = default).")
 @click.option("--compile", "compile_", is_flag=True,
               help="Decode steps through torch.compile: the plain loop's, or the --draft model's "
                    "(the first step compiles, ~1 min).")
 def generate_cmd(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, draft, draft_int8_head,
-                 prompt_lookup, self_draft_layers, num_draft, adaptive, threads, compile_):
+                 prompt_lookup, self_draft_layers, num_draft, adaptive, max_draft, threads, compile_):
     """Generate text with our static-cache loop (optionally speculative); prints text and tokens/s."""
     import torch
 
@@ -58,6 +61,8 @@ def generate_cmd(model, prompts, max_new_tokens, temperature, top_k, top_p, seed
         d = None
     if draft_int8_head and not draft:
         raise SlimformerError("--draft-int8-head needs --draft")
+    if max_draft is not None and d is None:
+        raise SlimformerError("--max-draft needs a draft (--draft, --prompt-lookup or --self-draft-layers)")
     if compile_ and d is not None and not draft:
         raise SlimformerError("--compile applies to the plain loop and to --draft models; drop it for "
                               "--prompt-lookup / --self-draft-layers")
@@ -65,7 +70,7 @@ def generate_cmd(model, prompts, max_new_tokens, temperature, top_k, top_p, seed
         res = generate(lm, list(prompts), max_new_tokens, sampling=sampling, seed=seed, compile=compile_)
     else:
         res = speculative_generate(lm, list(prompts), max_new_tokens, draft=d, num_draft=num_draft,
-                                   adaptive=adaptive, sampling=sampling, seed=seed)
+                                   adaptive=adaptive, max_draft=max_draft, sampling=sampling, seed=seed)
     for p, text in zip(prompts, res.texts):
         click.echo(p + text)
         click.echo("")
