@@ -134,7 +134,7 @@ class CausalRunner:
             if logits is not None:
                 advance(cache, q)
                 return logits[:, -1:] if last_only else logits
-        layout = step_layout(cache, ids.shape[1])
+        layout = step_layout(cache, q)
         x = self.hidden(ids, cache, layout)
         if last_only:
             x = x[:, -1:]

@@ -178,8 +178,9 @@ def model_draft(target_lm, draft_lm, compile: bool = False, int8_head: bool = Fa
 
     ``int8_head``: the draft's runner uses a W8A8 copy of its LM head (the vocabulary
     projection is the largest matrix a small model reads per token; a W4/W8A8 checkpoint
-    keeps it fp32 or int8 weight-only, for quality). Only proposals change: the target verifies every token, so
-    the output is exactly the target's either way. The draft model itself is not modified."""
+    keeps it fp32 or int8 weight-only, for quality). Only proposals change: the target
+    verifies every token, so the output is exactly the target's either way. The draft model
+    itself is not modified."""
     from slimformer.decoding.speed import weight_bytes_per_token
 
     check_same_vocab(target_lm, draft_lm)

@@ -870,21 +870,28 @@ void with_1to4(int v, const Fn& fn) {  // fn(std::integral_constant<int, v>{}) f
 
 namespace {
 
+// The checks every attention kernel makes: q [B, H, Lq, D], k / v [B, Hkv, Lk, D] float32, H a
+// multiple of Hkv, D a multiple of 16.
+void check_qkv(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const char* who) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, who, ": q, k, v must be 4-D [B, H, L, D]");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
+              v.scalar_type() == torch::kFloat32, who, ": float32 only");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hk = k.size(1), Lk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hk && v.size(2) == Lk &&
+              k.size(3) == D && v.size(3) == D, who, ": k / v must be [B, Hkv, Lk, D] matching q");
+  TORCH_CHECK(Hk > 0 && H % Hk == 0, who, ": ", H, " heads do not share ", Hk, " kv heads evenly");
+  TORCH_CHECK(D % 16 == 0, who, ": head dim ", D, " is not a multiple of 16");
+}
+
 // softmax(q k^T * scale + bias [+ causal mask]) v. q [B, H, Lq, D], k / v [B, Hkv, Lk, D]
 // float32 (H a multiple of Hkv, D a multiple of 16; causal needs Lq == Lk); bias: undefined
 // or float32 broadcastable to [B, 1, Lq, Lk] (an additive mask shared by the heads) -> out
 // [B, Lq, H, D] contiguous (the layout attention modules reshape from).
 torch::Tensor attention_impl(torch::Tensor q, torch::Tensor k, torch::Tensor v, const torch::Tensor& bias,
                              bool causal, double scale, const char* who) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, who, ": q, k, v must be 4-D [B, H, L, D]");
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
-              v.scalar_type() == torch::kFloat32, who, ": float32 only");
+  check_qkv(q, k, v, who);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hk = k.size(1), Lk = k.size(2);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hk && v.size(2) == Lk &&
-              k.size(3) == D && v.size(3) == D, who, ": k / v must be [B, Hkv, Lk, D] matching q");
   TORCH_CHECK(!causal || Lk == L, who, ": a causal square needs as many keys as queries (", L, " vs ", Lk, ")");
-  TORCH_CHECK(Hk > 0 && H % Hk == 0, who, ": ", H, " heads do not share ", Hk, " kv heads evenly");
-  TORCH_CHECK(D % 16 == 0, who, ": head dim ", D, " is not a multiple of 16");
   const float* bp = nullptr;
   int64_t bsb = 0, bsq = 0;
   torch::Tensor bx;
@@ -1020,14 +1027,8 @@ inline float dot_f32(const float* a, const float* b, int64_t D) {
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor start,
                                torch::Tensor first, double scale) {
   const char* who = "decode_attention";
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, who, ": q, k, v must be 4-D [B, H, L, D]");
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
-              v.scalar_type() == torch::kFloat32, who, ": float32 only");
+  check_qkv(q, k, v, who);
   const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3), Hk = k.size(1), T = k.size(2);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hk && v.size(2) == T && k.size(3) == D &&
-              v.size(3) == D, who, ": k / v must be [B, Hkv, T, D] matching q");
-  TORCH_CHECK(Hk > 0 && H % Hk == 0, who, ": ", H, " heads do not share ", Hk, " kv heads evenly");
-  TORCH_CHECK(D % 16 == 0, who, ": head dim ", D, " is not a multiple of 16");
   TORCH_CHECK(start.dim() == 1 && first.dim() == 1 && start.size(0) == B && first.size(0) == B &&
               start.scalar_type() == torch::kLong && first.scalar_type() == torch::kLong,
               who, ": start / first must be int64 [B]");
