@@ -187,7 +187,7 @@ def test_compiled_decode_gives_the_eager_tokens():
 
 def test_compiled_runners_skip_guards_without_mixing_graphs():
     """After its first compiled step a runner skips Dynamo's guard check for that shape (batch,
-    tokens, capacity); two
+    tokens, capacity), then calls the compiled bytecode directly; two
     compiled runners of different models (one code object, two graphs) and a second capacity
     must still each get their own graph: every step equals its eager runner's."""
     torch._dynamo.reset()
@@ -206,6 +206,9 @@ def test_compiled_runners_skip_guards_without_mixing_graphs():
                                                rtol=1e-4, atol=1e-4)
                     assert torch.equal(caches[comp].length, caches[ref].length)
     assert len(ca._warm) == len(cb._warm) == 4  # (1 and 2 tokens) x 2 capacities
+    # from a shape's second step on, each runner calls its own compiled bytecode directly
+    assert set(ca._direct) == set(ca._warm) and set(cb._direct) == set(cb._warm)
+    assert all(ca._direct[k] is not cb._direct[k] for k in ca._direct)
 
 
 def test_compiled_step_falls_back_for_ragged_caches():

@@ -14,6 +14,7 @@ is one small adapter per family below.
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -112,6 +113,7 @@ class CausalRunner:
         self.compile = bool(compile)
         self._compiled_step = None
         self._warm: set = set()  # (batch, capacity, ...) keys already run compiled
+        self._direct: dict = {}  # key -> that bytecode as a plain function, once checked
 
     # ---- cache --------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> StaticKVCache:
@@ -163,6 +165,10 @@ class CausalRunner:
         exc = torch._dynamo.exc
         key = (ids.shape, cache.capacity, cache.position_offset is None, torch.is_grad_enabled(),
                torch.is_inference_mode_enabled())
+        slot = cache.length[:1].clone()
+        direct = self._direct.get(key)
+        if direct is not None:
+            return direct(self, ids, cache, slot)
         try:
             if key in self._warm:
                 # a shape this runner has already run compiled: skip Dynamo's guard check (~0.7
@@ -170,8 +176,10 @@ class CausalRunner:
                 # an input no compiled graph fits, which the key rules out (weights are frozen
                 # into the graph anyway: the model must not change after compiling, see above)
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    return self._compiled_step(ids, cache, cache.length[:1].clone())
-            out = self._compiled_step(ids, cache, cache.length[:1].clone())
+                    out = self._compiled_step(ids, cache, slot)
+                self._go_direct(key, ids, cache, slot, out)
+                return out
+            out = self._compiled_step(ids, cache, slot)
             self._warm.add(key)
             return out
         except (exc.Unsupported, exc.BackendCompilerFailed, exc.TorchRuntimeError) as e:
@@ -179,6 +187,33 @@ class CausalRunner:
                         str(e).splitlines()[0][:200])
             self.compile = False
             return None
+
+    def _go_direct(self, key, ids: torch.Tensor, cache: StaticKVCache, slot: torch.Tensor,
+                   out: torch.Tensor) -> None:
+        """From the third step of a shape on, call the bytecode Dynamo compiled for it as a plain
+        function: entering a compiled frame through Dynamo costs ~1.4 ms per step even with the
+        guard check skipped (a compiled W8A8 SmolLM2 draft step: 8.2 vs 6.9 ms;
+        benchmarks/RESULTS.md "Stop 17"). The same compiled graph runs either way. The entry is
+        the first whose guards pass for this step's arguments (Dynamo's own choice), and it is
+        checked once: it must give bit-identical logits for the step just run (it rewrites the
+        same cache slots), else the runner keeps going through Dynamo."""
+        args = {"self": self, "ids": ids, "cache": cache, "slot": slot}
+        fn = None
+        try:
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+            for entry in _debug_get_cache_entry_list(type(self).static_forward.__code__):
+                if entry.guard_manager.check(args):
+                    fn = types.FunctionType(entry.code, type(self).static_forward.__globals__)
+                    break
+            ok = fn is not None and torch.equal(fn(self, ids, cache, slot), out)
+        except Exception as e:  # noqa: BLE001 -- private Dynamo API absent or changed: stay on Dynamo
+            log.info("compiled step stays behind Dynamo's frame hook (%s)", e)
+            ok = False
+        if ok:
+            self._direct[key] = fn
+        else:
+            self._direct.pop(key, None)
 
     def hidden(self, ids: torch.Tensor, cache: StaticKVCache, layout: StepLayout) -> torch.Tensor:
         """Hidden state after the last run block (before the final norm): [B, q, hidden]."""
