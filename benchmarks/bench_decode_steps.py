@@ -5,9 +5,8 @@ in one process (interleaved medians), the pieces of Leviathan's cost model.
 * target verify steps of 8 and 9 tokens (a draft of 7 or 8 plus the pending token), eager;
 * the draft's one-token step (a compressed folder), compiled (``CausalRunner(compile=True)``)
   and eager, and its two-token step (catching up after a round whose proposals were all
-  accepted); ``--skip-guards`` adds a compiled step run under
-  ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` (Dynamo's guard check left out);
-  ``--draft-int8-head`` gives the draft a W8A8 head (as ``bench_speculative.py --draft-int8-head``).
+  accepted) -- compiled steps as the loop runs them (from a shape's third call on, the compiled
+  bytecode is called directly, without Dynamo's frame hook); ``--draft-int8-head`` gives the draft a W8A8 head (as ``bench_speculative.py --draft-int8-head``).
 
 Each forward runs after a 160-token prefill into a 320-slot cache and is rolled back, so every
 timing sees the same context.
@@ -32,7 +31,6 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="interleaved rounds (median of their medians)")
     ap.add_argument("--calls", type=int, default=20, help="timed forwards per round")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-guards", action="store_true")
     ap.add_argument("--draft-int8-head", action="store_true", help="the draft's head as W8A8 (speculative.py)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -49,7 +47,7 @@ def main() -> None:
         draft_c.head = draft_e.head = _int8_head(draft_c.head)
     prompt = torch.randint(100, 20000, (1, 160), generator=torch.Generator().manual_seed(0))
 
-    def timed(runner, q: int, skip: bool = False) -> float:
+    def timed(runner, q: int) -> float:
         cache = runner.new_cache(1, 320)
         with torch.inference_mode():
             runner.prefill(prompt, torch.zeros(1, dtype=torch.long), cache)
@@ -59,27 +57,24 @@ def main() -> None:
                 runner.forward(x, cache)
                 cache.rollback(length)
             ts = []
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip):
-                for _ in range(args.calls):
-                    t0 = time.perf_counter()
-                    runner.forward(x, cache)
-                    ts.append(time.perf_counter() - t0)
-                    cache.rollback(length)
+            for _ in range(args.calls):
+                t0 = time.perf_counter()
+                runner.forward(x, cache)
+                ts.append(time.perf_counter() - t0)
+                cache.rollback(length)
         return statistics.median(ts) * 1e3
 
-    rows = [("target one-token step (eager)", target, 1, False),
-            ("target 8-token verify (eager)", target, 8, False),
-            ("target 9-token verify (eager)", target, 9, False),
-            ("draft one-token step (compiled)", draft_c, 1, False),
-            ("draft one-token step (eager)", draft_e, 1, False),
-            ("draft two-token step (compiled)", draft_c, 2, False),
-            ("draft two-token step (eager)", draft_e, 2, False)]
-    if args.skip_guards:
-        rows.append(("draft one-token step (compiled, guards skipped)", draft_c, 1, True))
+    rows = [("target one-token step (eager)", target, 1),
+            ("target 8-token verify (eager)", target, 8),
+            ("target 9-token verify (eager)", target, 9),
+            ("draft one-token step (compiled)", draft_c, 1),
+            ("draft one-token step (eager)", draft_e, 1),
+            ("draft two-token step (compiled)", draft_c, 2),
+            ("draft two-token step (eager)", draft_e, 2)]
     times: dict[str, list[float]] = {r[0]: [] for r in rows}
     for _ in range(args.runs):
-        for name, runner, q, skip in rows:
-            times[name].append(timed(runner, q, skip))
+        for name, runner, q in rows:
+            times[name].append(timed(runner, q))
     base = statistics.median(times[rows[0][0]])
     print(f"\n{args.target} target, {args.draft} draft; {args.threads} threads; median of {args.runs} "
           f"interleaved rounds x {args.calls} calls\n")

@@ -208,7 +208,31 @@ def test_compiled_runners_skip_guards_without_mixing_graphs():
     assert len(ca._warm) == len(cb._warm) == 4  # (1 and 2 tokens) x 2 capacities
     # from a shape's second step on, each runner calls its own compiled bytecode directly
     assert set(ca._direct) == set(ca._warm) and set(cb._direct) == set(cb._warm)
+    assert all(ca._direct.values()) and all(cb._direct.values())
     assert all(ca._direct[k] is not cb._direct[k] for k in ca._direct)
+
+
+def test_compiled_runner_stays_on_dynamo_without_its_private_cache_api(monkeypatch):
+    """Where Dynamo's cache entries cannot be read (the API is private), the direct call is not
+    used, tried once per shape, and the compiled steps still equal the eager ones."""
+    import torch._dynamo.eval_frame as ef
+
+    def missing(code):
+        raise AttributeError("no cache entry list in this PyTorch")
+
+    monkeypatch.setattr(ef, "_debug_get_cache_entry_list", missing)
+    torch._dynamo.reset()
+    lm = tiny_model("llama", seed=2)
+    comp, ref = CausalRunner(lm, compile=True), CausalRunner(lm)
+    with torch.inference_mode():
+        caches = {r: r.new_cache(1, 16) for r in (comp, ref)}
+        for r, c in caches.items():
+            r.prefill(torch.tensor([[1, 2, 3]]), torch.zeros(1, dtype=torch.long), c)
+        for step in range(4):
+            tok = torch.tensor([[7 + step]])
+            torch.testing.assert_close(comp.forward(tok, caches[comp]), ref.forward(tok, caches[ref]),
+                                       rtol=1e-4, atol=1e-4)
+    assert list(comp._direct.values()) == [False]
 
 
 def test_compiled_step_falls_back_for_ragged_caches():

@@ -67,7 +67,9 @@ class CausalRunner:
     each new (batch, capacity) pays the compilation (about a minute for SmolLM2-135M on 2 CPU
     cores). Two-token steps after the prompt (a speculative draft catching up after a round
     whose proposals were all accepted) are compiled too, as a second graph. Prefill, longer
-    verify steps and caches with an attention observer (KV eviction) stay eager.
+    verify steps and caches with an attention observer (KV eviction) stay eager. From a shape's
+    second step on Dynamo's guard check is skipped, and from its third the compiled bytecode is
+    called without Dynamo's frame hook at all (:meth:`_go_direct`).
     """
 
     CAPACITY_STEP = 128
@@ -113,7 +115,7 @@ class CausalRunner:
         self.compile = bool(compile)
         self._compiled_step = None
         self._warm: set = set()  # (batch, capacity, ...) keys already run compiled
-        self._direct: dict = {}  # key -> that bytecode as a plain function, once checked
+        self._direct: dict = {}  # key -> Dynamo's bytecode for it as a plain function (False: not usable)
 
     # ---- cache --------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> StaticKVCache:
@@ -167,7 +169,7 @@ class CausalRunner:
                torch.is_inference_mode_enabled())
         slot = cache.length[:1].clone()
         direct = self._direct.get(key)
-        if direct is not None:
+        if direct:
             return direct(self, ids, cache, slot)
         try:
             if key in self._warm:
@@ -177,7 +179,8 @@ class CausalRunner:
                 # into the graph anyway: the model must not change after compiling, see above)
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                     out = self._compiled_step(ids, cache, slot)
-                self._go_direct(key, ids, cache, slot, out)
+                if key not in self._direct:  # tried once per shape
+                    self._go_direct(key, ids, cache, slot, out)
                 return out
             out = self._compiled_step(ids, cache, slot)
             self._warm.add(key)
@@ -196,7 +199,7 @@ class CausalRunner:
         benchmarks/RESULTS.md "Stop 17"). The same compiled graph runs either way. The entry is
         the first whose guards pass for this step's arguments (Dynamo's own choice), and it is
         checked once: it must give bit-identical logits for the step just run (it rewrites the
-        same cache slots), else the runner keeps going through Dynamo."""
+        same cache slots), else the runner keeps going through Dynamo for this shape."""
         args = {"self": self, "ids": ids, "cache": cache, "slot": slot}
         fn = None
         try:
@@ -210,10 +213,7 @@ class CausalRunner:
         except Exception as e:  # noqa: BLE001 -- private Dynamo API absent or changed: stay on Dynamo
             log.info("compiled step stays behind Dynamo's frame hook (%s)", e)
             ok = False
-        if ok:
-            self._direct[key] = fn
-        else:
-            self._direct.pop(key, None)
+        self._direct[key] = fn if ok else False
 
     def hidden(self, ids: torch.Tensor, cache: StaticKVCache, layout: StepLayout) -> torch.Tensor:
         """Hidden state after the last run block (before the final norm): [B, q, hidden]."""
