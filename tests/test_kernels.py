@@ -441,14 +441,14 @@ def test_decode_steps_use_the_cache_attention_kernel_and_keep_the_tokens(monkeyp
     the tokens equal those of the loop on SDPA."""
     import slimformer.decoding.runner as runner_mod
     import slimformer.kernels.attention as attn
-    from slimformer.decoding.speculative import speculative_generate
+    from slimformer.decoding.speculative import early_exit_draft, speculative_generate
 
     torch._dynamo.reset()
     lm = tiny_model("llama")
     prompts = ["Hello world, this is", "ab"]
     with _counting_kernel(attn, "decode_attention") as calls:
         plain = generate(lm, prompts, 10, stop_on_eos=False).tokens
-        spec = speculative_generate(lm, prompts, 10, draft=slimformer.decoding.speculative.early_exit_draft(lm, 1),
+        spec = speculative_generate(lm, prompts, 10, draft=early_exit_draft(lm, 1),
                                     num_draft=3, stop_on_eos=False).tokens
     assert {c[2] for c in calls} >= {1, 4}  # one-token steps and 4-token verify steps
     compiled = generate(lm, prompts, 10, stop_on_eos=False, runner=CausalRunner(lm, compile=True)).tokens

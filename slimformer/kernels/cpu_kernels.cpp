@@ -866,6 +866,18 @@ void with_1to4(int v, const Fn& fn) {  // fn(std::integral_constant<int, v>{}) f
   }
 }
 
+// out_r = inv_r * sum_{j < jn} P[r, j] v_j for mr <= 4 rows, the whole head dim D in pv_tile
+// chunks of up to 64 values.
+inline void pv_rows(const float* const* pr, int mr, const float* v, int64_t ldv, int64_t jn, int64_t D,
+                    float* const* outr, const float* inv) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int dv = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
+    with_1to4(mr, [&](auto M) {
+      with_1to4(dv, [&](auto V) { pv_tile<decltype(M)::value, decltype(V)::value>(pr, v, ldv, jn, d0, outr, inv); });
+    });
+  }
+}
+
 }  // namespace
 
 namespace {
@@ -966,14 +978,7 @@ torch::Tensor attention_impl(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
         orow[r] = op + ((b * L + i0 + r) * H + h) * D;
       }
       const int64_t jn = causal ? i0 + mr : Lk;  // causal: P is zero past each row's own position
-      for (int64_t d0 = 0; d0 < D; d0 += 64) {
-        const int dv = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
-        with_1to4(mr, [&](auto R) {
-          with_1to4(dv, [&](auto V) {
-            pv_tile<decltype(R)::value, decltype(V)::value>(pr, vb, vsl, jn, d0, orow, inv + (i0 - r0));
-          });
-        });
-      }
+      pv_rows(pr, mr, vb, vsl, jn, D, orow, inv + (i0 - r0));
     }
   }
   });
@@ -1084,14 +1089,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       const float* pr[4];
       float* orr[4];
       for (int r = 0; r < mr; ++r) { pr[r] = S + (r0 + r) * lds; orr[r] = orow(r0 + r); }
-      for (int64_t d0 = 0; d0 < D; d0 += 64) {
-        const int dv = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
-        with_1to4(mr, [&](auto M) {
-          with_1to4(dv, [&](auto V) {
-            pv_tile<decltype(M)::value, decltype(V)::value>(pr, vbase, vsl, n, d0, orr, inv + r0);
-          });
-        });
-      }
+      pv_rows(pr, mr, vbase, vsl, n, D, orr, inv + r0);
     }
     for (int64_t r = 0; r < R; ++r) {  // a pad query (slot before start) sees only its own key
       const int64_t s = fp[b] + r % Q;
