@@ -89,6 +89,7 @@ def sample_pairs(lm, draft, prompt, n: int, seed: int) -> torch.Tensor:
 
 
 def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    counts, probs = counts.double(), probs.double()  # scipy checks sum(obs) == sum(exp) to 1.5e-8
     keep = probs * counts.sum() >= 5  # pool cells with tiny expectations
     exp = torch.cat([probs[keep], probs[~keep].sum()[None]]) * counts.sum()
     obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
