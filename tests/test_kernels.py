@@ -81,6 +81,56 @@ def test_int8_weight_kernel_matches_float64_reference(m, k, n, gs, signed, bf16)
 
 
 @needs_kernels
+@pytest.mark.parametrize("k,n,gs,signed", [(576, 100, None, True), (577, 47, 64, False), (70, 33, 16, True),
+                                           (1536, 20, 128, True)])
+def test_int8_weight_kernel_rows_do_not_depend_on_how_many_tokens_come_along(k, n, gs, signed):
+    """Tokens go in sub-blocks of up to 4 with four accumulators each: each (row, token) sum
+    keeps its order, so a W8 (or int8-head) target's verify logits equal its one-token steps'."""
+    torch.manual_seed(k * n)
+    g = 1 if gs is None else -(-k // gs)
+    u = torch.randint(0, 256, (n, k), dtype=torch.uint8)
+    s = torch.rand(n, g) * 0.01 + 1e-3
+    z = None if signed else torch.randint(0, 256, (n, g)).float()
+    args = (u, s, z, k if gs is None else gs, 128.0 if signed else 0.0)
+    x = torch.randn(11, k)
+    ones = torch.cat([K.int8w_linear(x[i:i + 1], *args) for i in range(11)])
+    for m in range(2, 12):
+        assert torch.equal(K.int8w_linear(x[:m], *args), ones[:m]), m
+
+
+@needs_kernels
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, symmetric=True, granularity="channel"),
+                                  QuantSpec(bits=8, symmetric=False, group_size=64),
+                                  QuantSpec(bits=8, symmetric=True, group_size=100)])
+def test_int8_dequant_kernel_gives_the_python_dequantization_bit_for_bit(spec, monkeypatch):
+    """Long inputs (a prefill) multiply dequantized tiles: the C++ dequantization must give the
+    very values of the pure-PyTorch one, whole and for a slice of rows."""
+    torch.manual_seed(3)
+    w = torch.randn(70, 577) * 0.05
+    qt = quantize(w, spec)
+    lin = QuantLinear.from_quantized(qt, torch.randn(70))
+    ref = dequantize(qt)
+    assert torch.equal(K.int8w_dequant(*lin._kernel_args(), 0, 70), ref)
+    assert torch.equal(K.int8w_dequant(*lin._kernel_args(), 9, 10), ref[9:10])
+    assert torch.equal(lin.dequantized_weight(), ref)
+    assert torch.equal(lin.dequantized_weight(slice(5, 41)), ref[5:41])
+    x = torch.randn(2, KERNEL_MAX_M + 3, 577)
+    fast = lin(x)
+    monkeypatch.setattr(linear_mod, "cpu_kernels", lambda: None)
+    lin.__dict__.pop("_kargs", None)
+    assert torch.equal(lin(x), fast)  # the same tiles through the same GEMM
+
+
+@needs_kernels
+def test_int8_dequant_kernel_rejects_bad_rows():
+    u, s = torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 1)
+    with pytest.raises(RuntimeError, match="outside"):
+        K.int8w_dequant(u, s, None, 64, 128.0, 2, 5)
+    with pytest.raises(RuntimeError, match="scale rows"):
+        K.int8w_dequant(u, torch.ones(3, 1), None, 64, 128.0, 0, 3)
+
+
+@needs_kernels
 @pytest.mark.parametrize("bits", [4, 8])
 def test_weight_only_kernels_reject_bad_shapes(bits):
     fn, kb, zc = (K.int4_linear, 32, 8.0) if bits == 4 else (K.int8w_linear, 64, 128.0)
@@ -638,3 +688,35 @@ def test_w8a8_gated_mlp_kernel_rejects_bad_shapes():
     wd = torch.zeros(4, 6, dtype=torch.int8)  # 2 x 6 != 10 gate/up rows
     with pytest.raises(RuntimeError, match="gate/up must have"):
         K.w8a8_gated_mlp(torch.randn(2, 8), wgu, torch.ones(10), None, wd, torch.ones(4), None, None)
+
+
+@needs_kernels
+def test_weight_only_int8_group_is_its_members_side_by_side():
+    """q/k/v (or gate/up) of a W8 model as one kernel call: every column bit for bit its own
+    member's, with biases, for few tokens (the kernel) and many (the members), eager and
+    compiled; formats the kernel cannot take are not grouped."""
+    from slimformer.formats.fused import Int8WeightOnlyGroup, fuse_weight_only
+
+    torch.manual_seed(5)
+    w8 = QuantSpec(bits=8, symmetric=True, granularity="channel")
+    mems = [QuantLinear.from_quantized(quantize(torch.randn(n, 96) * 0.05, w8), b)
+            for n, b in ((64, None), (16, torch.randn(16)), (16, None))]
+    g = fuse_weight_only(mems)
+    assert isinstance(g, Int8WeightOnlyGroup) and g.out_features == 96
+    with torch.inference_mode():
+        for shape in ((1, 1, 96), (2, 3, 96), (1, KERNEL_MAX_M + 5, 96)):
+            x = torch.randn(*shape)
+            assert torch.equal(g(x), torch.cat([m(x) for m in mems], -1)), shape
+        x = torch.randn(1, 2, 96)
+        torch._dynamo.reset()
+        compiled = torch.compile(g, fullgraph=True)
+        assert torch.equal(compiled(x), g(x))
+    g4 = QuantLinear.from_quantized(quantize(torch.randn(16, 96), QuantSpec(bits=4, group_size=32)))
+    asym = QuantLinear.from_quantized(quantize(torch.randn(16, 96), QuantSpec(bits=8, symmetric=False,
+                                                                               granularity="channel")))
+    assert fuse_weight_only([mems[0], g4]) is None
+    assert fuse_weight_only([mems[0], asym]) is None
+    assert fuse_weight_only([mems[0], nn.Linear(96, 16)]) is None
+    assert fuse_weight_only([mems[0]]) is None
+    wide = QuantLinear.from_quantized(quantize(torch.randn(16, 97), w8))
+    assert fuse_weight_only([mems[0], wide]) is None

@@ -81,6 +81,10 @@ def _register_fakes() -> None:
     def _int8w(x, qweight, scale, zero, group_size, zero_const):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
+    @torch.library.register_fake("slimformer::int8w_linear_cat")
+    def _int8w_cat(x, qweights, scales, group_size):
+        return x.new_empty(x.shape[0], sum(q.shape[0] for q in qweights))
+
     @torch.library.register_fake("slimformer::f32_linear")
     def _f32(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])

@@ -16,7 +16,10 @@
 //   16 floats that are multiplied into the even / odd columns of x (x is de-interleaved once per
 //   call). The per-group inner sums are exact float sums of products of small integers and x.
 // * int8w_linear: the same with 8-bit codes, one per byte (signed codes stored + 128 are read
-//   back exactly as byte ^ 0x80, so a symmetric row needs no zero-point term): an int8 LM head.
+//   back exactly as byte - 128, so a symmetric row needs no zero-point term): int8 weight-only
+//   models (a W8 speculative draft) and int8 LM heads. Four accumulators per token and a
+//   software prefetch 4 KB ahead: the byte-to-float conversions leave too few loads in flight
+//   for the hardware prefetcher alone. int8w_dequant expands rows to fp32 for long inputs.
 // * f32_linear: plain fp32 rows, one sequential row stream per thread.
 //
 // The AVX-512 paths are used when the compiler targets AVX-512 (-march=native on such a CPU);
@@ -269,50 +272,178 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
 
 namespace {
 
-// One row of 8-bit codes u[n, :] (one per byte) against MB token rows, groups as in int4_row:
-// out[m] = sum_g s_g * (sum_{k in g} u[n, k] x[m, k] - z_g * xsum_g[m]). SIGNED: the bytes are
-// signed codes stored + 128, read back exactly as u ^ 0x80 (no zero-point term, so no
-// cancellation between two large sums).
+// One row of 8-bit codes u[n, :] (one per byte) against SB <= 4 token rows, groups as in
+// int4_row: out[m] = sum_g s_g * (sum_{k in g} u[n, k] x[m, k] - z_g * xsum_g[m]). SIGNED: the
+// bytes are signed codes stored + 128, read back exactly as u - 128 (no zero-point term, so no
+// cancellation between two large sums). Each token keeps four accumulators (one per 16-code
+// quarter of a 64-code chunk): one accumulator made every multiply-add wait for the previous
+// one, which held a one-token product to ~7 GB/s (benchmarks/RESULTS.md "Stop 18"). The sums
+// of a token are formed in the same order whatever the block size, so a verify step's rows
+// equal one-token steps' bit for bit.
+#ifndef SF_I8_AHEAD
+#define SF_I8_AHEAD 4096
+#endif
+template <int SB, bool SIGNED>
+inline void int8w_row(const uint8_t* w, int64_t n, int64_t K, int64_t groups, int64_t gs,
+                      const float* const* xr, const float* const* xs, ScaleView sc, const float* zero,
+                      float zconst, float* y, int64_t m0, int64_t N) {
+  float corr[SB];
+  for (int m = 0; m < SB; ++m) corr[m] = 0.f;
+#if SF_AVX512
+  const __m512i off = _mm512_set1_epi32(SIGNED ? 128 : 0);
+  __m512 out[SB];
+  for (int m = 0; m < SB; ++m) out[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
+    __m512 a[4][SB];
+    for (int j = 0; j < 4; ++j)
+      for (int m = 0; m < SB; ++m) a[j][m] = _mm512_setzero_ps();
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + SF_I8_AHEAD), _MM_HINT_T0);
+      for (int j = 0; j < 4; ++j) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * j));
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(b), off));
+        for (int m = 0; m < SB; ++m) a[j][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr[m] + k + 16 * j), a[j][m]);
+      }
+    }
+    for (int j = 0; k < k1; k += 16, ++j) {  // < 64 codes left: j < 4
+      const int64_t r = std::min<int64_t>(16, k1 - k);
+      const __mmask16 mask = r == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << r) - 1u);
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, w + k)), off));
+      for (int m = 0; m < SB; ++m) a[j][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, xr[m] + k), a[j][m]);
+    }
+    const float s = sc[n * groups + g];
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int m = 0; m < SB; ++m)
+      out[m] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(a[0][m], a[1][m]), _mm512_add_ps(a[2][m], a[3][m])),
+                               sv, out[m]);
+    if (!SIGNED) {
+      const float z = zero ? zero[n * groups + g] : zconst;
+      for (int m = 0; m < SB; ++m) corr[m] += s * z * xs[m][g];
+    }
+  }
+  for (int m = 0; m < SB; ++m) y[(m0 + m) * N + n] = _mm512_reduce_add_ps(out[m]) - corr[m];
+#else
+  float out[SB];
+  for (int m = 0; m < SB; ++m) out[m] = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
+    const float s = sc[n * groups + g];
+    for (int m = 0; m < SB; ++m) {
+      float d = 0.f;
+      for (int64_t k = k0; k < k1; ++k) d += static_cast<float>(SIGNED ? w[k] - 128 : w[k]) * xr[m][k];
+      out[m] += s * d;
+    }
+    if (!SIGNED) {
+      const float z = zero ? zero[n * groups + g] : zconst;
+      for (int m = 0; m < SB; ++m) corr[m] += s * z * xs[m][g];
+    }
+  }
+  for (int m = 0; m < SB; ++m) y[(m0 + m) * N + n] = out[m] - corr[m];
+#endif
+}
+
+// Rows n0..n1 against MB token rows, in sub-blocks of up to 4 tokens (a row's 64-code chunk is
+// read from L1 by the later sub-blocks).
 template <int MB, bool SIGNED>
 void int8w_block(const uint8_t* qw, int64_t n0, int64_t n1, int64_t K, int64_t groups, int64_t gs,
                  const float* const* xr, const float* const* xs, ScaleView sc, const float* zero,
                  float zconst, float* y, int64_t m0, int64_t N) {
+  constexpr int kFull = MB / 4, kRest = MB % 4;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = qw + n * K;
-    float out[MB];
-    for (int m = 0; m < MB; ++m) out[m] = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
-      float dot[MB];
+    for (int b = 0; b < kFull; ++b)
+      int8w_row<4, SIGNED>(w, n, K, groups, gs, xr + 4 * b, xs + 4 * b, sc, zero, zconst, y, m0 + 4 * b, N);
+    if (kRest)
+      int8w_row<kRest ? kRest : 1, SIGNED>(w, n, K, groups, gs, xr + 4 * kFull, xs + 4 * kFull, sc, zero, zconst,
+                                           y, m0 + 4 * kFull, N);
+  }
+}
+
+}  // namespace
+
+// Rows n0..n1 of an 8-bit weight-only weight as float32 [n1 - n0, K]: (u - z) * s with z the
+// zero point (or zero_const: 128 for signed codes stored + 128) of the row's group, the same two
+// float operations as the Python dequantization (so the same values bit for bit), at memory
+// speed. Long inputs (a prefill) multiply such tiles with an fp32 GEMM.
+torch::Tensor int8w_dequant(torch::Tensor qweight, torch::Tensor scale, c10::optional<torch::Tensor> zero,
+                            int64_t group_size, double zconst, int64_t n0, int64_t n1) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kUInt8, "int8w_dequant: qweight must be 2-D uint8");
+  TORCH_CHECK(scale.dim() == 2 && (scale.scalar_type() == torch::kFloat32 || scale.scalar_type() == torch::kBFloat16),
+              "int8w_dequant: scale must be 2-D float32 or bfloat16");
+  qweight = qweight.contiguous();
+  scale = scale.contiguous();
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N, "int8w_dequant: rows ", n0, "..", n1, " outside 0..", N);
+  torch::Tensor zc;
+  const float* zp = check_groups(scale, zero, N, K, group_size, zc, "int8w_dequant");
+  const int64_t G = scale.size(1);
+  const int64_t gs = G == 1 ? K : group_size;
+  const float zf = static_cast<float>(zconst);
+  auto out = torch::empty({n1 - n0, K}, scale.options().dtype(torch::kFloat32));
+  float* op = out.data_ptr<float>();
+  const uint8_t* qp = qweight.data_ptr<uint8_t>();
+  const ScaleView sc = scale_view(scale);
+  at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t n = r0; n < r1; ++n) {
+      const uint8_t* w = qp + n * K;
+      float* o = op + (n - n0) * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
+        const float s = sc[n * G + g];
+        const float z = zp ? zp[n * G + g] : zf;
+        int64_t k = k0;
 #if SF_AVX512
-      __m512 ag[MB];
-      for (int m = 0; m < MB; ++m) ag[m] = _mm512_setzero_ps();
-      for (int64_t k = k0; k < k1; k += 16) {
-        const int64_t r = std::min<int64_t>(16, k1 - k);
-        const __mmask16 mask = r == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << r) - 1u);
-        const __m128i b = _mm_maskz_loadu_epi8(mask, w + k);
-        const __m512 wv = SIGNED ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_xor_si128(b, _mm_set1_epi8(-128))))
-                                 : _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
-        for (int m = 0; m < MB; ++m) ag[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, xr[m] + k), ag[m]);
-      }
-      for (int m = 0; m < MB; ++m) dot[m] = _mm512_reduce_add_ps(ag[m]);
-#else
-      for (int m = 0; m < MB; ++m) {
-        float d = 0.f;
-        for (int64_t k = k0; k < k1; ++k) d += static_cast<float>(SIGNED ? w[k] - 128 : w[k]) * xr[m][k];
-        dot[m] = d;
-      }
+        const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
+        for (; k < k1; k += 16) {
+          const int64_t r = std::min<int64_t>(16, k1 - k);
+          const __mmask16 mask = r == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << r) - 1u);
+          const __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, w + k))), zv);
+          _mm512_mask_storeu_ps(o + k, mask, _mm512_mul_ps(v, sv));
+        }
 #endif
-      const float s = sc[n * groups + g];
-      if (SIGNED) {
-        for (int m = 0; m < MB; ++m) out[m] += s * dot[m];
-      } else {
-        const float z = zero ? zero[n * groups + g] : zconst;
-        for (int m = 0; m < MB; ++m) out[m] += s * (dot[m] - z * xs[m][g]);
+        for (; k < k1; ++k) o[k] = (static_cast<float>(w[k]) - z) * s;
       }
     }
-    for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n] = out[m];
-  }
+  });
+  return out;
+}
+
+namespace {
+
+// One 8-bit weight among those multiplied in one call: its rows are output columns
+// off .. off + n of y.
+struct Int8Member {
+  const uint8_t* q;
+  ScaleView sc;
+  const float* zero;
+  int64_t off, n;
+};
+
+// y[:, off_i + r] for every member i and row r, the rows of all members split into tiles across
+// the threads (a tile that straddles two members is cut at the boundary).
+void int8w_members(const Int8Member* mem, int64_t count, const float* xp, const float* xsp, int64_t M,
+                   int64_t K, int64_t G, int64_t gs, float zf, bool is_signed, float* yp, int64_t N) {
+  over_tiles(N, M, 16, [&](int64_t t0, int64_t t1, int64_t m0, int mb) {
+    const float* xr[kMaxTokenBlock];
+    const float* xsr[kMaxTokenBlock];
+    for (int i = 0; i < mb; ++i) {
+      xr[i] = xp + (m0 + i) * K;
+      xsr[i] = xsp ? xsp + (m0 + i) * G : nullptr;
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const Int8Member& e = mem[i];
+      const int64_t r0 = std::max(t0, e.off) - e.off, r1 = std::min(t1, e.off + e.n) - e.off;
+      if (r0 >= r1) continue;
+      with_block(mb, [&](auto B) {
+        if (is_signed)
+          int8w_block<decltype(B)::value, true>(e.q, r0, r1, K, G, gs, xr, xsr, e.sc, e.zero, zf, yp + e.off, m0, N);
+        else
+          int8w_block<decltype(B)::value, false>(e.q, r0, r1, K, G, gs, xr, xsr, e.sc, e.zero, zf, yp + e.off, m0, N);
+      });
+    }
+  });
 }
 
 }  // namespace
@@ -340,24 +471,41 @@ torch::Tensor int8w_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
   if (!is_signed)
     for (int64_t m = 0; m < M; ++m) group_sums(xp + m * K, K, G, gs, sums.data() + m * G);
   auto y = torch::empty({M, N}, x.options());
-  float* yp = y.data_ptr<float>();
-  const uint8_t* qp = qweight.data_ptr<uint8_t>();
-  const ScaleView sc = scale_view(scale);
-  const float* xsp = sums.data();  // the calling thread's buffer (thread_local: not in workers)
-  over_tiles(N, M, 16, [&](int64_t t0, int64_t t1, int64_t m0, int mb) {
-    const float* xr[kMaxTokenBlock];
-    const float* xsr[kMaxTokenBlock];
-    for (int i = 0; i < mb; ++i) {
-      xr[i] = xp + (m0 + i) * K;
-      xsr[i] = xsp + (m0 + i) * G;
-    }
-    with_block(mb, [&](auto B) {
-      if (is_signed)
-        int8w_block<decltype(B)::value, true>(qp, t0, t1, K, G, gs, xr, xsr, sc, zp, zf, yp, m0, N);
-      else
-        int8w_block<decltype(B)::value, false>(qp, t0, t1, K, G, gs, xr, xsr, sc, zp, zf, yp, m0, N);
-    });
-  });
+  const Int8Member one{qweight.data_ptr<uint8_t>(), scale_view(scale), zp, 0, N};
+  int8w_members(&one, 1, xp, sums.data(), M, K, G, gs, zf, is_signed, y.data_ptr<float>(), N);
+  return y;
+}
+
+// x [M, K] f32 against several symmetric 8-bit weights that read the same input (q/k/v, or
+// gate/up): qweights[i] [N_i, K] u8 (codes + 128), scales[i] [N_i, G] -> [M, sum N_i], the
+// members' outputs side by side, each column exactly int8w_linear's. One call and one parallel
+// region instead of one per member (a decode step's small projections are dominated by the
+// per-call costs); the weights are not copied.
+torch::Tensor int8w_linear_cat(torch::Tensor x, std::vector<torch::Tensor> qweights,
+                               std::vector<torch::Tensor> scales, int64_t group_size) {
+  TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size(),
+              "int8w_linear_cat: needs as many scales as weights (at least one)");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<Int8Member> mem;
+  int64_t N = 0, G = -1;
+  for (size_t i = 0; i < qweights.size(); ++i) {
+    check_weight_only_types(x, qweights[i], scales[i], "int8w_linear_cat");
+    qweights[i] = qweights[i].contiguous();
+    scales[i] = scales[i].contiguous();
+    const int64_t n = qweights[i].size(0);
+    TORCH_CHECK(qweights[i].size(1) == K, "int8w_linear_cat: qweight has ", qweights[i].size(1),
+                " bytes per row, expected ", K);
+    torch::Tensor zc;
+    check_groups(scales[i], c10::nullopt, n, K, group_size, zc, "int8w_linear_cat");
+    TORCH_CHECK(G < 0 || scales[i].size(1) == G, "int8w_linear_cat: members have different groups");
+    G = scales[i].size(1);
+    mem.push_back(Int8Member{qweights[i].data_ptr<uint8_t>(), scale_view(scales[i]), nullptr, N, n});
+    N += n;
+  }
+  auto y = torch::empty({M, N}, x.options());
+  int8w_members(mem.data(), static_cast<int64_t>(mem.size()), x.data_ptr<float>(), nullptr, M, K, G,
+                G == 1 ? K : group_size, 128.f, true, y.data_ptr<float>(), N);
   return y;
 }
 
@@ -1252,6 +1400,7 @@ bool has_avx512() { return SF_AVX512 != 0; }
 TORCH_LIBRARY_FRAGMENT(slimformer, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int group_size, float zero_const) -> Tensor");
   m.def("int8w_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int group_size, float zero_const) -> Tensor");
+  m.def("int8w_linear_cat(Tensor x, Tensor[] qweights, Tensor[] scales, int group_size) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor start, Tensor first, float scale) -> Tensor");
@@ -1262,6 +1411,7 @@ TORCH_LIBRARY_FRAGMENT(slimformer, m) {
 TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8w_linear", &int8w_linear);
+  m.impl("int8w_linear_cat", &int8w_linear_cat);
   m.impl("f32_linear", &f32_linear);
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("causal_attention", &causal_attention);
@@ -1273,6 +1423,8 @@ TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "4-bit weight-only linear for few tokens");
   m.def("int8w_linear", &int8w_linear, "8-bit weight-only linear for few tokens");
+  m.def("int8w_linear_cat", &int8w_linear_cat, "several symmetric 8-bit weight-only linears of one input, one call");
+  m.def("int8w_dequant", &int8w_dequant, "rows of an 8-bit weight-only weight as float32");
   m.def("f32_linear", &f32_linear, "fp32 linear for few tokens (no bias)");
   m.def("w8a8_linear", &w8a8_linear, "W8A8 linear: per-token int8 activations, int8 GEMM, rescale");
   m.def("causal_attention", &causal_attention, "causal prefill attention over a square prompt (GQA)");
