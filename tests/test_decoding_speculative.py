@@ -230,3 +230,43 @@ def test_int8_head_of_a_draft_reuses_an_int8_weight_only_heads_codes():
     w4_head = QuantLinear.from_quantized(quantize(tiny_model("llama").model.lm_head.weight.detach(),
                                                   QuantSpec(bits=4, symmetric=True, group_size=16)))
     assert _int8_head(w4_head) is w4_head
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_w8_weight_only_self_draft_fuses_projections_and_is_lossless(compile):
+    """The ``w8`` recipe's model (int8 weight-only blocks and head) as the draft: its runner
+    runs q/k/v and gate/up as one kernel call each with exactly the unfused logits, and the
+    speculative output is exactly the target's greedy output."""
+    import copy
+
+    import slimformer.decoding.runner as runner_mod
+    from slimformer import compress
+    from slimformer.decoding.speculative import model_draft
+    from slimformer.kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("needs slimformer's C++ kernels")
+    torch._dynamo.reset()
+    lm = tiny_model("llama")
+    q = copy.deepcopy(lm)
+    compress(q, "w8", progress=False)
+    d = model_draft(lm, q, compile=compile)
+    assert d.runner.blocks[0].qkv is not None and d.runner.blocks[0].q is None
+    ref = generate(lm, PROMPTS, 16, stop_on_eos=False).tokens
+    out = speculative_generate(lm, PROMPTS, 16, draft=d, num_draft=3, adaptive=True, stop_on_eos=False)
+    assert out.tokens == ref and out.stats["acceptance"] > 0.5
+    fused = generate(q, PROMPTS, 8, stop_on_eos=False, runner=CausalRunner(q))
+    orig = runner_mod.fuse_weight_only
+    try:
+        runner_mod.fuse_weight_only = lambda members: None
+        unfused_runner = CausalRunner(q)
+    finally:
+        runner_mod.fuse_weight_only = orig
+    assert unfused_runner.blocks[0].qkv is None
+    assert generate(q, PROMPTS, 8, stop_on_eos=False, runner=unfused_runner).tokens == fused.tokens
+    cache_a, cache_b = CausalRunner(q).new_cache(1, 16), unfused_runner.new_cache(1, 16)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.inference_mode():
+        a = CausalRunner(q).prefill(ids, torch.zeros(1, dtype=torch.long), cache_a, last_only=False)
+        b = unfused_runner.prefill(ids, torch.zeros(1, dtype=torch.long), cache_b, last_only=False)
+    assert torch.equal(a, b)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from slimformer.decoding.cache import (StaticKVCache, StepLayout, advance, static_step_layout, step_layout,
                                       write_kv)
 from slimformer.errors import SlimformerError
-from slimformer.formats.fused import Int8GatedMLP
+from slimformer.formats.fused import Int8GatedMLP, fuse_weight_only
 from slimformer.formats.linear import few_token_linear
 from slimformer.kernels.attention import kernel_causal_attention, kernel_decode_attention
 from slimformer.models.registry import get_module
@@ -240,7 +240,8 @@ class CausalRunner:
         B, q, _ = x.shape
         h = blk.norm1(x) if blk.pre_norm else x
         if blk.qkv is not None:
-            qs, ks, vs = few_token_linear(blk.qkv, h).split(self.num_heads * self.head_dim, dim=2)
+            hq, hkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            qs, ks, vs = few_token_linear(blk.qkv, h).split([hq, hkv, hkv], dim=2)
         else:
             qs, ks, vs = (few_token_linear(blk.q, h), few_token_linear(blk.k, h),
                           few_token_linear(blk.v, h))
@@ -328,6 +329,14 @@ def _gated_mlp(b: nn.Module, spec) -> Callable[[torch.Tensor], torch.Tensor]:
             or isinstance(mlp, Int8GatedMLP)):  # W8A8: the whole MLP is one kernel call
         return mlp
     gate, up, down = (get_module(b, p) for p in (spec.mlp.gate, spec.mlp.up, spec.mlp.down))
+    gu = fuse_weight_only([gate, up])  # a W8 model: gate and up in one kernel call
+    if gu is not None:
+        n = gate.out_features
+
+        def run_fused(h: torch.Tensor) -> torch.Tensor:
+            y = gu(h)
+            return few_token_linear(down, act(y[..., :n]) * y[..., n:])
+        return run_fused
 
     def run(h: torch.Tensor) -> torch.Tensor:
         return few_token_linear(down, act(few_token_linear(gate, h)) * few_token_linear(up, h))
@@ -339,8 +348,12 @@ class _Llama:
     def block(b: nn.Module, spec, cfg) -> _Block:
         a = spec.attention
         attn = get_module(b, a.o.rsplit(".", 1)[0])
+        q, k, v = get_module(b, a.q), get_module(b, a.k), get_module(b, a.v)
+        qkv = fuse_weight_only([q, k, v])  # a W8 model: q/k/v in one kernel call
+        if qkv is not None:
+            q = k = v = None
         return _Block(norm1=get_module(b, spec.norms[0]), norm2=get_module(b, spec.norms[1]),
-                      q=get_module(b, a.q), k=get_module(b, a.k), v=get_module(b, a.v), qkv=None,
+                      q=q, k=k, v=v, qkv=qkv,
                       o=get_module(b, a.o), mlp=_gated_mlp(b, spec),
                       q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
 
