@@ -10,6 +10,8 @@ tokens per target forward.
 
     python benchmarks/bench_speculative.py --prompts 20 --max-new 128 --threads 1
     python benchmarks/bench_speculative.py --continue-prompts --draft out/smollm2-w4-g64 --no-hf
+    python benchmarks/bench_speculative.py --continue-prompts --no-hf --no-lookup --draft-compile \
+        --draft out/smollm2-w8 --draft out/smollm2-w8a8-h8@int8-head --draft-max-k 7
 """
 from __future__ import annotations
 
@@ -81,8 +83,9 @@ def main() -> None:
     ap.add_argument("--num-draft", type=int, default=8)
     ap.add_argument("--hf-lookup", type=int, default=10, help="HF prompt_lookup_num_tokens")
     ap.add_argument("--self-draft-layers", type=int, default=0, help="also time an early-exit self-draft")
-    ap.add_argument("--draft", action="append", default=[], metavar="MODEL",
-                    help="also time speculative decoding with this draft model (repeatable)")
+    ap.add_argument("--draft", action="append", default=[], metavar="MODEL[@int8-head]",
+                    help="also time speculative decoding with this draft model (repeatable); a "
+                         "'@int8-head' suffix gives this draft a W8A8 copy of its LM head")
     ap.add_argument("--draft-compile", action="store_true", help="compile the --draft models' decode steps")
     ap.add_argument("--draft-int8-head", action="store_true",
                     help="the --draft models propose with a W8A8 copy of their LM head")
@@ -106,9 +109,13 @@ def main() -> None:
     make = continue_prompts if args.continue_prompts else grounded_prompts
     prompts = make(lm.tokenizer, args.prompts, args.para_tokens)
     drafts = {}
-    for path in args.draft:
-        name = "draft_" + Path(path).name.replace("-", "_")
-        drafts[name] = model_draft(lm, load(path), compile=args.draft_compile, int8_head=args.draft_int8_head)
+    for spec in args.draft:
+        path, _, opt = spec.partition("@")
+        if opt not in ("", "int8-head"):
+            ap.error(f"--draft {spec}: the only suffix is '@int8-head'")
+        name = "draft_" + Path(path).name.replace("-", "_") + ("_h8a8" if opt else "")
+        drafts[name] = model_draft(lm, load(path), compile=args.draft_compile,
+                                   int8_head=args.draft_int8_head or bool(opt))
     generate(lm, prompts[0], 4, runner=runner)  # warm-up
     compiled = None
     if args.compile:
