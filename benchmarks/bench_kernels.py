@@ -1,7 +1,8 @@
 """Per-layer kernel speed on SmolLM2-135M's linear shapes: fp32 nn.Linear (MKL) vs our fp32
 few-token kernel, slimformer's QuantLinear (W4 g64 / g128: our int4 kernel for few tokens),
 PyTorch's own int4 kernel (``_weight_int4pack_mm_for_cpu``, needs bf16 scales) and Int8Linear
-(W8A8, per-token activations), for decode (M=1), a speculative verify step (M=5) and a
+(W8A8, per-token activations) and the int8 weight-only QuantLinear (``w8``: our int8 kernel for
+few tokens, C++-dequantized tiles + fp32 GEMM for many), for decode (M=1), a speculative verify step (M=5) and a
 512-token prefill (M=512). Medians of --reps timed calls; ratios are fp32 time / ours,
 measured in the same process.
 
@@ -60,7 +61,8 @@ def main() -> None:
         for name, k, n in SHAPES:
             copies = max(1, (256 << 20) // (4 * k * n)) if args.cold else 1
             lins = [nn.Linear(k, n) for _ in range(copies)]
-            mods = {"fp32 kernel": [], "W4 g64": [], "W4 g128": [], "W4 g64 torch int4": [], "W8A8": []}
+            mods = {"fp32 kernel": [], "W4 g64": [], "W4 g128": [], "W4 g64 torch int4": [], "W8A8": [],
+                    "W8 weight-only": []}
             for lin in lins:
                 w, b = lin.weight.detach(), lin.bias.detach()
                 s, _ = compute_qparams(w, g64)
@@ -70,6 +72,7 @@ def main() -> None:
                 mods["W4 g64 torch int4"].append(QuantLinear.from_quantized(
                     quantize(w, g64, scale=round_scale(s)), b, backend="int4pack"))
                 mods["W8A8"].append(Int8Linear.from_quantized(quantize(w, QuantSpec(8, True, "channel")), b))
+                mods["W8 weight-only"].append(QuantLinear.from_quantized(quantize(w, QuantSpec(8, True, "channel")), b))
 
             def timed(fs, x):
                 return median_us(lambda: [f(x) for f in fs], args.reps) / len(fs)

@@ -51,6 +51,9 @@ def test_named_recipes():
     assert load_recipe("w8a8").head == "int8" and load_recipe("w8a8-plain").head is None
     assert load_recipe("w4-g64-h8").stages == load_recipe("w4-g64").stages
     assert load_recipe("w4-g64-h8").head == "int8" and load_recipe("w4-g64").head is None
+    w8 = load_recipe("w8")  # the speculative self-draft: 8-bit per-channel weight-only + int8 head
+    assert w8.head == "int8" and not w8.needs_calibration
+    assert [(st.METHOD, st.bits, st.group_size, st.symmetric) for st in w8.stages] == [("rtn", 8, None, True)]
 
 
 def test_override_applies_per_module():

@@ -277,7 +277,7 @@ namespace {
 // bytes are signed codes stored + 128, read back exactly as u - 128 (no zero-point term, so no
 // cancellation between two large sums). Each token keeps four accumulators (one per 16-code
 // quarter of a 64-code chunk): one accumulator made every multiply-add wait for the previous
-// one, which held a one-token product to ~7 GB/s (benchmarks/RESULTS.md "Stop 18"). The sums
+// one, which held a one-token product to ~7 GB/s (benchmarks/RESULTS.md "W8 self-draft"). The sums
 // of a token are formed in the same order whatever the block size, so a verify step's rows
 // equal one-token steps' bit for bit.
 #ifndef SF_I8_AHEAD
