@@ -268,12 +268,12 @@ class Int8WeightOnlyGroup(nn.Module):
     The decoding loop builds these for its own use (a W8 draft's decode step: 4 instead of 7
     calls per block); the model keeps its modules. Other inputs call the members."""
 
-    def __init__(self, members: list):
+    def __init__(self, members: list, group_size: int):
         super().__init__()
         self._members = list(members)  # a plain list: not registered (the model owns them)
         self.in_features = members[0].in_features
         self.out_features = sum(m.out_features for m in members)
-        self.group_size = members[0]._kernel_args()[3]
+        self.group_size = group_size
         biases = [m.bias for m in members]
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [torch.zeros(m.out_features) if b is None else b.detach().float() for m, b in zip(members, biases)])
@@ -303,9 +303,9 @@ def fuse_weight_only(members: list) -> Optional[Int8WeightOnlyGroup]:
 
     if len(members) < 2 or not all(type(m) is QuantLinear for m in members):
         return None
-    args = [m._kernel_args() if m.spec.bits == 8 else None for m in members]
+    args = [m._cached_kernel_args() if m.spec.bits == 8 else None for m in members]
     if any(a is None or a[2] is not None or a[4] != 128.0 for a in args):  # zero points: not here
         return None
     if len({(m.in_features, a[3], a[1].shape[1], a[1].dtype) for m, a in zip(members, args)}) != 1:
         return None
-    return Int8WeightOnlyGroup(members)
+    return Int8WeightOnlyGroup(members, args[0][3])

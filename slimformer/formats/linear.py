@@ -208,10 +208,10 @@ class QuantLinear(nn.Module):
         if self.backend == "int4pack":
             return self._int4pack_tile_t(rows.start, rows.stop).t()[:, : self.in_features]
         spec, k = self.spec, self.in_features
-        if spec.bits == 8 and not torch.compiler.is_compiling():
-            kargs = self._kernel_args()  # the same values, ~20x faster (an 8-bit prefill's tiles)
-            if kargs is not None:
-                return cpu_kernels().int8w_dequant(*kargs, rows.start, rows.stop)
+        k8 = cpu_kernels() if spec.bits == 8 and not torch.compiler.is_compiling() else None
+        kargs = self._cached_kernel_args() if k8 is not None else None
+        if kargs:  # the same values, ~20x faster (an 8-bit prefill's tiles)
+            return k8.int8w_dequant(*kargs, rows.start, rows.stop)
         codes = unpack_codes(self.qweight[rows], spec, k)  # [n, K]
         s = self.scales()
         s = s if s.shape[0] == 1 else s[rows]
@@ -258,6 +258,12 @@ class QuantLinear(nn.Module):
     # the kernel arguments are cached (a decode step calls ~200 of these modules; the checks
     # and the float zero points cost more than a small layer's kernel) and dropped whenever the
     # buffers may have been replaced or rewritten
+    def _cached_kernel_args(self) -> Optional[tuple]:
+        kargs = self.__dict__.get("_kargs", False)
+        if kargs is False:
+            kargs = self.__dict__["_kargs"] = self._kernel_args()
+        return kargs
+
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_kargs", None)
         return super()._apply(fn, *args, **kwargs)
@@ -276,10 +282,8 @@ class QuantLinear(nn.Module):
                     return self._finish(op(x.reshape(-1, self.in_features), *kargs), x)
             else:
                 k = cpu_kernels()  # None also when switched off (SLIMFORMER_NO_KERNELS) meanwhile
-                kargs = self.__dict__.get("_kargs", False)
-                if kargs is False and k is not None:
-                    kargs = self.__dict__["_kargs"] = self._kernel_args()
-                if kargs and k is not None:
+                kargs = self._cached_kernel_args() if k is not None else None
+                if kargs:
                     fn = getattr(k, self._kernel_name())
                     return self._finish(fn(x.reshape(-1, self.in_features), *kargs), x)
         lead = x.shape[:-1]

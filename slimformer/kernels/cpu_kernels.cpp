@@ -103,6 +103,11 @@ ScaleView scale_view(const torch::Tensor& t) {
 }
 
 #if SF_AVX512
+// The first min(n, 16) lanes.
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
 inline void unpack16(const uint8_t* w, __mmask16 mask, __m512& lo, __m512& hi) {
   const __m128i m0f = _mm_set1_epi8(0x0F);
   __m128i v = _mm_maskz_loadu_epi8(mask, w);
@@ -161,9 +166,7 @@ inline void int4_row(const uint8_t* w, int64_t kb, int64_t groups, int64_t gbyte
     __m512 ag[MB];
     for (int m = 0; m < MB; ++m) ag[m] = _mm512_setzero_ps();
     for (int64_t b = b0; b < b1; b += 16) {
-      const int64_t n = std::min<int64_t>(16, b1 - b);
-      const __mmask16 mask = n == 16 ? static_cast<__mmask16>(0xFFFF)
-                                     : static_cast<__mmask16>((1u << n) - 1u);
+      const __mmask16 mask = tail_mask(b1 - b);
       __m512 lo, hi;
       unpack16(w + b, mask, lo, hi);
       for (int m = 0; m < MB; ++m) {
@@ -308,8 +311,7 @@ inline void int8w_row(const uint8_t* w, int64_t n, int64_t K, int64_t groups, in
       }
     }
     for (int j = 0; k < k1; k += 16, ++j) {  // < 64 codes left: j < 4
-      const int64_t r = std::min<int64_t>(16, k1 - k);
-      const __mmask16 mask = r == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << r) - 1u);
+      const __mmask16 mask = tail_mask(k1 - k);
       const __m512 wv = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, w + k)), off));
       for (int m = 0; m < SB; ++m) a[j][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, xr[m] + k), a[j][m]);
     }
@@ -397,8 +399,7 @@ torch::Tensor int8w_dequant(torch::Tensor qweight, torch::Tensor scale, c10::opt
 #if SF_AVX512
         const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
         for (; k < k1; k += 16) {
-          const int64_t r = std::min<int64_t>(16, k1 - k);
-          const __mmask16 mask = r == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << r) - 1u);
+          const __mmask16 mask = tail_mask(k1 - k);
           const __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, w + k))), zv);
           _mm512_mask_storeu_ps(o + k, mask, _mm512_mul_ps(v, sv));
         }
@@ -886,12 +887,6 @@ torch::Tensor w8a8_gated_mlp(torch::Tensor x, torch::Tensor wgu, torch::Tensor s
 namespace {
 
 constexpr int64_t kAttnRows = 32;  // query rows per task
-
-#if SF_AVX512
-inline __mmask16 tail_mask(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
-}
-#endif
 
 // S[r, j0 .. j0+32) = scale * q_r . k_j for MR query rows; kt is [D, L] (row stride L).
 template <int MR>
