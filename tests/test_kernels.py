@@ -101,17 +101,25 @@ def test_int8_weight_kernel_rows_do_not_depend_on_how_many_tokens_come_along(k, 
 @needs_kernels
 @pytest.mark.parametrize("spec", [QuantSpec(bits=8, symmetric=True, granularity="channel"),
                                   QuantSpec(bits=8, symmetric=False, group_size=64),
-                                  QuantSpec(bits=8, symmetric=True, group_size=100)])
-def test_int8_dequant_kernel_gives_the_python_dequantization_bit_for_bit(spec, monkeypatch):
+                                  QuantSpec(bits=8, symmetric=True, group_size=100),
+                                  QuantSpec(bits=4, symmetric=True, granularity="channel"),
+                                  QuantSpec(bits=4, symmetric=False, group_size=64),
+                                  QuantSpec(bits=4, symmetric=True, group_size=34)])
+def test_dequant_kernels_give_the_python_dequantization_bit_for_bit(spec, monkeypatch):
     """Long inputs (a prefill) multiply dequantized tiles: the C++ dequantization must give the
-    very values of the pure-PyTorch one, whole and for a slice of rows."""
+    very values of the pure-PyTorch one, whole and for a slice of rows (odd K: a 4-bit row's
+    last byte holds one code; groups of 34: 4-bit groups that start mid-vector)."""
     torch.manual_seed(3)
     w = torch.randn(70, 577) * 0.05
     qt = quantize(w, spec)
     lin = QuantLinear.from_quantized(qt, torch.randn(70))
     ref = dequantize(qt)
-    assert torch.equal(K.int8w_dequant(*lin._kernel_args(), 0, 70), ref)
-    assert torch.equal(K.int8w_dequant(*lin._kernel_args(), 9, 10), ref[9:10])
+    if spec.bits == 8:
+        deq = lambda n0, n1: K.int8w_dequant(*lin._kernel_args(), n0, n1)  # noqa: E731
+    else:
+        deq = lambda n0, n1: K.int4_dequant(*lin._kernel_args(), 577, n0, n1)  # noqa: E731
+    assert torch.equal(deq(0, 70), ref)
+    assert torch.equal(deq(9, 10), ref[9:10])
     assert torch.equal(lin.dequantized_weight(), ref)
     assert torch.equal(lin.dequantized_weight(slice(5, 41)), ref[5:41])
     x = torch.randn(2, KERNEL_MAX_M + 3, 577)
@@ -122,12 +130,18 @@ def test_int8_dequant_kernel_gives_the_python_dequantization_bit_for_bit(spec, m
 
 
 @needs_kernels
-def test_int8_dequant_kernel_rejects_bad_rows():
+def test_dequant_kernels_reject_bad_rows_and_shapes():
     u, s = torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 1)
     with pytest.raises(RuntimeError, match="outside"):
         K.int8w_dequant(u, s, None, 64, 128.0, 2, 5)
     with pytest.raises(RuntimeError, match="scale rows"):
         K.int8w_dequant(u, torch.ones(3, 1), None, 64, 128.0, 0, 3)
+    with pytest.raises(RuntimeError, match="outside"):
+        K.int4_dequant(u, s, None, 128, 8.0, 128, 0, 5)
+    with pytest.raises(RuntimeError, match="bytes per row"):
+        K.int4_dequant(u, s, None, 128, 8.0, 127 + 4, 0, 4)
+    with pytest.raises(RuntimeError, match="even"):
+        K.int4_dequant(u, torch.ones(4, 2), None, 65, 8.0, 128, 0, 4)
 
 
 @needs_kernels

@@ -19,7 +19,8 @@
 //   back exactly as byte - 128, so a symmetric row needs no zero-point term): int8 weight-only
 //   models (a W8 speculative draft) and int8 LM heads. Four accumulators per token and a
 //   software prefetch 4 KB ahead: the byte-to-float conversions leave too few loads in flight
-//   for the hardware prefetcher alone. int8w_dequant expands rows to fp32 for long inputs.
+//   for the hardware prefetcher alone.
+// * int8w_dequant / int4_dequant expand rows to fp32 for long inputs (a prefill's GEMM tiles).
 // * f32_linear: plain fp32 rows, one sequential row stream per thread.
 //
 // The AVX-512 paths are used when the compiler targets AVX-512 (-march=native on such a CPU);
@@ -365,21 +366,49 @@ void int8w_block(const uint8_t* qw, int64_t n0, int64_t n1, int64_t K, int64_t g
 
 }  // namespace
 
-// Rows n0..n1 of an 8-bit weight-only weight as float32 [n1 - n0, K]: (u - z) * s with z the
-// zero point (or zero_const: 128 for signed codes stored + 128) of the row's group, the same two
-// float operations as the Python dequantization (so the same values bit for bit), at memory
-// speed. Long inputs (a prefill) multiply such tiles with an fp32 GEMM.
-torch::Tensor int8w_dequant(torch::Tensor qweight, torch::Tensor scale, c10::optional<torch::Tensor> zero,
-                            int64_t group_size, double zconst, int64_t n0, int64_t n1) {
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kUInt8, "int8w_dequant: qweight must be 2-D uint8");
-  TORCH_CHECK(scale.dim() == 2 && (scale.scalar_type() == torch::kFloat32 || scale.scalar_type() == torch::kBFloat16),
-              "int8w_dequant: scale must be 2-D float32 or bfloat16");
-  qweight = qweight.contiguous();
-  scale = scale.contiguous();
-  const int64_t N = qweight.size(0), K = qweight.size(1);
-  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N, "int8w_dequant: rows ", n0, "..", n1, " outside 0..", N);
+namespace {
+
+// Codes k .. k + 15 of a row of 4-bit codes (two per byte, even column in the low nibble; k
+// even), the first ``n`` of them, as floats in column order.
+#if SF_AVX512
+inline __m512 codes16(const uint8_t* row, int64_t k, int64_t n, std::integral_constant<int, 8>) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(tail_mask(n), row + k)));
+}
+inline __m512 codes16(const uint8_t* row, int64_t k, int64_t n, std::integral_constant<int, 4>) {
+  const __m128i m0f = _mm_set1_epi8(0x0F);
+  const __m128i v = _mm_maskz_loadu_epi8(static_cast<__mmask16>(tail_mask((n + 1) / 2) & 0xFF), row + k / 2);
+  const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(v, m0f), _mm_and_si128(_mm_srli_epi16(v, 4), m0f));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c));
+}
+#endif
+
+template <int BITS>
+inline float code_at(const uint8_t* row, int64_t k) {
+  if (BITS == 8) return static_cast<float>(row[k]);
+  return static_cast<float>((row[k / 2] >> (4 * (k & 1))) & 0x0F);
+}
+
+// Rows n0..n1 of a BITS-bit weight-only weight ([N, K] codes, packed as above) as float32
+// [n1 - n0, K]: (u - z) * s with z the zero point of the row's group (or zero_const: 2^(BITS-1)
+// for signed codes stored + 2^(BITS-1)), the same two float operations as the Python
+// dequantization, so the same values bit for bit, at memory speed. Long inputs (a prefill)
+// multiply such tiles with an fp32 GEMM.
+template <int BITS>
+torch::Tensor wo_dequant(const torch::Tensor& qweight_in, const torch::Tensor& scale_in,
+                         const c10::optional<torch::Tensor>& zero, int64_t K, int64_t group_size, double zconst,
+                         int64_t n0, int64_t n1, const char* what) {
+  TORCH_CHECK(qweight_in.dim() == 2 && qweight_in.scalar_type() == torch::kUInt8, what, ": qweight must be 2-D uint8");
+  TORCH_CHECK(scale_in.dim() == 2 && (scale_in.scalar_type() == torch::kFloat32 ||
+                                      scale_in.scalar_type() == torch::kBFloat16),
+              what, ": scale must be 2-D float32 or bfloat16");
+  const torch::Tensor qweight = qweight_in.contiguous(), scale = scale_in.contiguous();
+  const int64_t N = qweight.size(0), row_bytes = qweight.size(1);
+  TORCH_CHECK(row_bytes == (K * BITS + 7) / 8, what, ": ", row_bytes, " bytes per row do not hold K=", K,
+              " codes of ", BITS, " bits");
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N, what, ": rows ", n0, "..", n1, " outside 0..", N);
+  TORCH_CHECK(BITS == 8 || group_size % 2 == 0 || scale.size(1) == 1, what, ": 4-bit groups must be even");
   torch::Tensor zc;
-  const float* zp = check_groups(scale, zero, N, K, group_size, zc, "int8w_dequant");
+  const float* zp = check_groups(scale, zero, N, K, group_size, zc, what);
   const int64_t G = scale.size(1);
   const int64_t gs = G == 1 ? K : group_size;
   const float zf = static_cast<float>(zconst);
@@ -389,7 +418,7 @@ torch::Tensor int8w_dequant(torch::Tensor qweight, torch::Tensor scale, c10::opt
   const ScaleView sc = scale_view(scale);
   at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t n = r0; n < r1; ++n) {
-      const uint8_t* w = qp + n * K;
+      const uint8_t* w = qp + n * row_bytes;
       float* o = op + (n - n0) * K;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
@@ -399,16 +428,29 @@ torch::Tensor int8w_dequant(torch::Tensor qweight, torch::Tensor scale, c10::opt
 #if SF_AVX512
         const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
         for (; k < k1; k += 16) {
-          const __mmask16 mask = tail_mask(k1 - k);
-          const __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, w + k))), zv);
-          _mm512_mask_storeu_ps(o + k, mask, _mm512_mul_ps(v, sv));
+          const __m512 v = _mm512_sub_ps(codes16(w, k, k1 - k, std::integral_constant<int, BITS>{}), zv);
+          _mm512_mask_storeu_ps(o + k, tail_mask(k1 - k), _mm512_mul_ps(v, sv));
         }
 #endif
-        for (; k < k1; ++k) o[k] = (static_cast<float>(w[k]) - z) * s;
+        for (; k < k1; ++k) o[k] = (code_at<BITS>(w, k) - z) * s;
       }
     }
   });
   return out;
+}
+
+}  // namespace
+
+// Rows n0..n1 of an 8-bit weight-only weight (one code per byte) as float32: see wo_dequant.
+torch::Tensor int8w_dequant(torch::Tensor qweight, torch::Tensor scale, c10::optional<torch::Tensor> zero,
+                            int64_t group_size, double zconst, int64_t n0, int64_t n1) {
+  return wo_dequant<8>(qweight, scale, zero, qweight.size(1), group_size, zconst, n0, n1, "int8w_dequant");
+}
+
+// Rows n0..n1 of a 4-bit weight-only weight of K columns (two codes per byte) as float32.
+torch::Tensor int4_dequant(torch::Tensor qweight, torch::Tensor scale, c10::optional<torch::Tensor> zero,
+                           int64_t group_size, double zconst, int64_t K, int64_t n0, int64_t n1) {
+  return wo_dequant<4>(qweight, scale, zero, K, group_size, zconst, n0, n1, "int4_dequant");
 }
 
 namespace {
@@ -1420,6 +1462,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8w_linear", &int8w_linear, "8-bit weight-only linear for few tokens");
   m.def("int8w_linear_cat", &int8w_linear_cat, "several symmetric 8-bit weight-only linears of one input, one call");
   m.def("int8w_dequant", &int8w_dequant, "rows of an 8-bit weight-only weight as float32");
+  m.def("int4_dequant", &int4_dequant, "rows of a 4-bit weight-only weight as float32");
   m.def("f32_linear", &f32_linear, "fp32 linear for few tokens (no bias)");
   m.def("w8a8_linear", &w8a8_linear, "W8A8 linear: per-token int8 activations, int8 GEMM, rescale");
   m.def("causal_attention", &causal_attention, "causal prefill attention over a square prompt (GQA)");
