@@ -9,6 +9,11 @@ token; bandwidth measured with a large tensor copy in this process).
 
 Every variant of our loop is checked against the first (fp32 eager) for identical tokens, and
 HF ``generate`` against it too. ``--compare`` models are compressed, so their tokens may differ.
+
+``--steps N`` also times N single decode steps alternating ours, HF's forward and HF's matrix
+products alone (MKL's GEMV over every linear): HF step / its products is the most any loop whose
+products stream at MKL's rate can gain over HF on this machine. The "fp32 ceiling" line is the
+roofline from the bandwidth measured after the runs (a moving target on a shared machine).
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import torch
 
 from slimformer.data import wikitext2_test_text
 from slimformer.decoding import CausalRunner, generate
-from slimformer.decoding.speed import bandwidth_limit, measure_bandwidth, weight_bytes_per_token
+from slimformer.decoding.speed import (bandwidth_limit, measure_bandwidth, measure_read_bandwidth,
+                                      weight_bytes_per_token)
 from slimformer.models import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,13 +61,18 @@ def hf_generate(lm, ids: list[int], max_new: int) -> tuple[list[int], float]:
     return y[0, len(ids):].tolist(), dt
 
 
-def step_times(lm, runner: CausalRunner, ids: list[int], steps: int) -> tuple[float, float]:
-    """Median seconds of ONE decode step, ours vs the HF model's forward with its DynamicCache,
-    alternating step by step (the finest interleaving: both see the same machine load)."""
+def step_times(lm, runner: CausalRunner, ids: list[int], steps: int) -> tuple[float, float, float]:
+    """Median seconds of ONE decode step, ours vs the HF model's forward with its DynamicCache
+    vs the HF step's matrix products alone (every linear of the model, LM head included, on one
+    token through ``F.linear``, i.e. MKL's GEMV), alternating step by step (the finest
+    interleaving: all three see the same machine load). HF step / its products bounds what any
+    loop whose products stream at MKL's rate can gain over HF ``generate``."""
     from transformers import DynamicCache
 
     x = torch.tensor([ids])
-    ours_t, hf_t = [], []
+    weights = [m.weight for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    ours_t, hf_t, mm_t = [], [], []
     with torch.inference_mode():
         cache = runner.new_cache(1, len(ids) + steps + 1)
         tok_o = runner.prefill(x, torch.zeros(1, dtype=torch.long), cache)[:, -1].argmax(-1)
@@ -76,7 +87,11 @@ def step_times(lm, runner: CausalRunner, ids: list[int], steps: int) -> tuple[fl
             out = lm.model(tok_h[:, None], past_key_values=hf_cache, use_cache=True)
             tok_h = out.logits[:, -1].argmax(-1)
             hf_t.append(time.perf_counter() - t)
-    return statistics.median(ours_t), statistics.median(hf_t)
+            t = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+            mm_t.append(time.perf_counter() - t)
+    return statistics.median(ours_t), statistics.median(hf_t), statistics.median(mm_t)
 
 
 def main() -> None:
@@ -146,11 +161,11 @@ def main() -> None:
                 identical.append(toks == ref_tokens)
                 line += f"  hf {hf_tps[-1]:.1f} tok/s  identical={identical[-1]}"
             log.info(line)
-    bw = measure_bandwidth()
+    bw, read_bw = measure_bandwidth(), measure_read_bandwidth()
     out = {
         "model": args.model, "prompts": len(prompts), "prompt_len": args.prompt_len,
         "max_new": args.max_new, "runs": args.runs, "threads": torch.get_num_threads(),
-        "bandwidth_GBps": bw / 1e9,
+        "bandwidth_GBps": bw / 1e9, "gemv_read_bandwidth_GBps": read_bw / 1e9,
     }
     base = statistics.median(dec["ours"])
     base_c = statistics.median(dec["ours-compiled"]) if args.compile else None
@@ -175,8 +190,13 @@ def main() -> None:
                      f"{bpt / 1e6:.0f} | {limit:.1f} | {d / limit:.2f} | "
                      f"{'%.0f' % compile_s[name] if name in compile_s else '-'} |")
     if args.steps:
-        so, sh = step_times(lm, variants[0][2], prompts[0], args.steps)
-        out.update(step_ms_ours=1e3 * so, step_ms_hf_forward=1e3 * sh, step_ratio_hf_over_ours=sh / so)
+        so, sh, sm = step_times(lm, variants[0][2], prompts[0], args.steps)
+        out.update(step_ms_ours=1e3 * so, step_ms_hf_forward=1e3 * sh, step_ratio_hf_over_ours=sh / so,
+                   step_ms_hf_products_alone=1e3 * sm, step_ratio_hf_over_its_products=sh / sm)
+        table.append(f"\none decode step, alternating x{args.steps}: ours {1e3 * so:.1f} ms, HF forward "
+                     f"{1e3 * sh:.1f} ms ({sh / so:.2f}x ours), HF's matrix products alone (MKL) "
+                     f"{1e3 * sm:.1f} ms: a loop whose products stream at MKL's rate gains at most "
+                     f"{sh / sm:.2f}x over HF")
     if hf_tps:
         h = statistics.median(hf_tps)
         out.update(hf_tok_s_median=h, ratio_ours_over_hf=statistics.median(tps["ours"]) / h,
@@ -184,6 +204,11 @@ def main() -> None:
         if args.compile:
             out["ratio_ours_compiled_over_hf"] = statistics.median(tps["ours-compiled"]) / h
         table.insert(2, f"| HF generate | {h:.2f} | - | - | - | - | - | - |")
+        # what any fp32 loop could reach here: every weight byte streamed at the GEMV rate
+        ceiling = bandwidth_limit(max(bw, read_bw), weight_bytes_per_token(variants[0][2]))
+        out.update(fp32_ceiling_tok_s=ceiling, fp32_ceiling_over_hf=ceiling / h)
+        table.append(f"\nfp32 ceiling here: {ceiling:.1f} tok/s (weights streamed at "
+                     f"{max(bw, read_bw) / 1e9:.1f} GB/s, no other cost) = {ceiling / h:.2f}x HF generate")
     print("\n".join(table))
     emit(out, args.json)
 

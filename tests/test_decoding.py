@@ -339,3 +339,14 @@ def test_grouped_attention_folds_query_groups_exactly(heads, kv_heads, q):
         got = grouped_attention(qs, k, v, m, False, 0.3)
         assert got.shape == (2, q, heads, 16)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_read_bandwidth_counts_the_streamed_weight_bytes(monkeypatch):
+    """The roofline's GEMV rate is bytes of the streamed weight over the timed product: with a
+    clock that advances 1 ms per reading, 8 MiB must come out as 8 MiB per ms."""
+    from slimformer.decoding import speed
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: next(ticks) * 1e-3)
+    rate = speed.measure_read_bandwidth(mbytes=8, cols=64, repeats=3)
+    assert rate == pytest.approx(8 * 2**20 / 1e-3)

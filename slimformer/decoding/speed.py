@@ -29,6 +29,22 @@ def measure_bandwidth(mbytes: int = 256, repeats: int = 7) -> float:
     return statistics.median(rates)
 
 
+def measure_read_bandwidth(mbytes: int = 512, cols: int = 576, repeats: int = 7) -> float:
+    """Bytes/s at which PyTorch's fp32 matrix-vector product streams a weight of ``mbytes``
+    (``cols`` columns, larger than the last-level cache share): the operation a batch-1 decode
+    step is made of, so ``this / weight_bytes_per_token`` is what the best GEMV could reach.
+    Median of repeats; often above :func:`measure_bandwidth` (a copy also writes)."""
+    w = torch.ones(mbytes * 2**20 // (4 * cols), cols)
+    x = torch.ones(1, cols)
+    x @ w.t()
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x @ w.t()
+        rates.append(w.numel() * 4 / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
 def weight_bytes_per_token(runner) -> int:
     """Bytes a batch-1 decode step must read: the run blocks, the final norm and the LM head.
 
