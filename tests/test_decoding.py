@@ -350,3 +350,37 @@ def test_read_bandwidth_counts_the_streamed_weight_bytes(monkeypatch):
     monkeypatch.setattr(speed.time, "perf_counter", lambda: next(ticks) * 1e-3)
     rate = speed.measure_read_bandwidth(mbytes=8, cols=64, repeats=3)
     assert rate == pytest.approx(8 * 2**20 / 1e-3)
+
+
+def test_runner_norm_and_rotary_kernels_leave_the_logits_unchanged(monkeypatch):
+    """The eager loop's RMSNorms and rotary embeddings run our kernels: prefill, one-token and
+    verify logits must be bit-identical to the loop on transformers' modules and PyTorch ops."""
+    import slimformer.decoding.runner as runner_mod
+    from slimformer.kernels import cpu_kernels
+    from slimformer.primitives.rotary import rotate_half
+
+    if cpu_kernels() is None:
+        pytest.skip("no C++ compiler: the kernels fall back")
+    lm = tiny_model("llama")
+    fast = CausalRunner(lm)
+    assert fast.blocks[0].norm1 is not lm.model.model.layers[0].input_layernorm
+
+    def run(runner):
+        cache = runner.new_cache(2, 32)
+        ids = torch.randint(3, 200, (2, 9))
+        with torch.inference_mode():
+            out = [runner.prefill(ids, torch.tensor([0, 2]), cache, last_only=False)]
+            out.append(runner.forward(torch.tensor([[5], [7]]), cache))
+            out.append(runner.forward(torch.randint(3, 200, (2, 4)), cache))
+        return out
+
+    torch.manual_seed(0)
+    got = run(fast)
+    monkeypatch.setattr(runner_mod, "fast_rms_norm", lambda m: m)
+    monkeypatch.setattr(runner_mod, "rotary_heads_last",
+                        lambda x, c, s: x * c[:, :, None] + rotate_half(x) * s[:, :, None])
+    plain = CausalRunner(lm)
+    assert plain.blocks[0].norm1 is lm.model.model.layers[0].input_layernorm
+    torch.manual_seed(0)
+    for a, b in zip(got, run(plain)):
+        assert torch.equal(a, b)

@@ -734,3 +734,78 @@ def test_weight_only_int8_group_is_its_members_side_by_side():
     assert fuse_weight_only([mems[0]]) is None
     wide = QuantLinear.from_quantized(quantize(torch.randn(16, 97), w8))
     assert fuse_weight_only([mems[0], wide]) is None
+
+
+# ---- RMSNorm and rotary embedding (slimformer.kernels.elementwise) --------------------------
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 576), (1, 8, 576), (3, 5, 96), (1, 1, 100), (2, 70, 1536),
+                                   (1, 1, 4, 64), (1, 1, 7), (2, 3, 5), (1, 1, 8)])
+def test_rms_norm_kernel_equals_transformers_rmsnorm_bit_for_bit(shape):
+    """The kernel sums the squares in ATen's order, so it must give LlamaRMSNorm's very values:
+    rows of 576 (SmolLM2), 1536 (cascade levels), odd widths (tails), per-head q/k norms."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1]))
+    for scale in (1e-3, 1.0, 40.0):
+        x = torch.randn(*shape) * scale
+        with torch.no_grad():
+            assert torch.equal(K.rms_norm(x, norm.weight.detach(), norm.variance_epsilon), norm(x)), scale
+
+
+@needs_kernels
+def test_rms_norm_kernel_rejects_bad_weights():
+    with pytest.raises(RuntimeError, match="weight must be float32"):
+        K.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6)
+    with pytest.raises(RuntimeError, match="weight must be float32"):
+        K.rms_norm(torch.randn(2, 8), torch.ones(8, dtype=torch.float64), 1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch_cos", [1, 2])
+def test_rotary_kernel_equals_apply_rotary_bit_for_bit(batch_cos):
+    from slimformer.primitives.rotary import apply_rotary
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 3, 16)  # [B, S, H, D]
+    cos, sin = torch.randn(batch_cos, 5, 16), torch.randn(batch_cos, 5, 16)
+    ref = apply_rotary(x.transpose(1, 2), cos, sin).transpose(1, 2)
+    assert torch.equal(K.rotary(x, cos, sin), ref)
+    with pytest.raises(RuntimeError, match="cos / sin"):
+        K.rotary(x, cos[:, :4], sin)
+    with pytest.raises(RuntimeError, match="even"):
+        K.rotary(torch.randn(1, 5, 3, 15), cos[..., :15], sin[..., :15])
+
+
+def test_fast_rms_norm_takes_only_known_forms_and_keeps_autograd():
+    """Another norm class (or one that only looks like an RMSNorm) is returned as it is; with
+    gradients the fused PyTorch op runs and gradients reach the weight."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from slimformer.kernels.elementwise import fast_rms_norm
+
+    ln = nn.LayerNorm(8)
+    assert fast_rms_norm(ln) is ln
+
+    class GemmaRMSNorm(nn.Module):  # (1 + weight) form, eps attribute
+        def __init__(self):
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.zeros(8)), 1e-6
+
+    g = GemmaRMSNorm()
+    assert fast_rms_norm(g) is g
+    norm = LlamaRMSNorm(8)
+    fn = fast_rms_norm(norm)
+    assert fn is not norm
+    x = torch.randn(3, 8, requires_grad=True)
+    fn(x).sum().backward()
+    wgrad = norm.weight.grad.clone()
+    norm.weight.grad = None
+    ref_x = x.detach().clone().requires_grad_(True)
+    norm(ref_x).sum().backward()
+    assert torch.allclose(wgrad, norm.weight.grad) and torch.allclose(x.grad, ref_x.grad)
+    with torch.no_grad():
+        big = torch.randn(2, 100, 8)  # above KERNEL_MAX_ROWS: PyTorch's rms_norm, same values
+        assert torch.equal(fn(big), norm(big)) and torch.equal(fn(big[:, :3]), norm(big[:, :3]))

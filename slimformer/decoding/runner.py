@@ -28,8 +28,8 @@ from slimformer.errors import SlimformerError
 from slimformer.formats.fused import Int8GatedMLP, fuse_weight_only
 from slimformer.formats.linear import few_token_linear
 from slimformer.kernels.attention import kernel_causal_attention, kernel_decode_attention
+from slimformer.kernels.elementwise import fast_rms_norm, rotary_heads_last
 from slimformer.models.registry import get_module
-from slimformer.primitives.rotary import apply_rotary
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +38,16 @@ log = logging.getLogger(__name__)
 class _Block:
     """The modules of one block, resolved once (attribute lookups are per-step overhead)."""
 
-    norm1: nn.Module
-    norm2: nn.Module
+    norm1: Callable[[torch.Tensor], torch.Tensor]
+    norm2: Callable[[torch.Tensor], torch.Tensor]
     q: Optional[nn.Module]
     k: Optional[nn.Module]
     v: Optional[nn.Module]
     qkv: Optional[nn.Module]
     o: nn.Module
     mlp: Callable[[torch.Tensor], torch.Tensor]
-    q_norm: Optional[nn.Module] = None
-    k_norm: Optional[nn.Module] = None
+    q_norm: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    k_norm: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     pre_norm: bool = True
     q_scale: Optional[float] = None  # OPT multiplies q after its projection (then SDPA scale 1)
 
@@ -99,6 +99,7 @@ class CausalRunner:
         self.embed_positions = emb[1] if len(emb) > 1 else None
         fn = spec.resolve(self.model, spec.final_norm)
         self.final_norm = get_module(self.model, fn) if fn else None
+        self.final_norm_fn = fast_rms_norm(self.final_norm) if fn else None  # the module or one call
         self.head = get_module(self.model, spec.resolve(self.model, spec.head))
         self.rotary = None
         for extra in spec.extras:
@@ -247,14 +248,15 @@ class CausalRunner:
                           few_token_linear(blk.v, h))
         if blk.q_scale is not None:
             qs = qs * blk.q_scale
-        qs = qs.view(B, q, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, q, D]
-        ks = ks.view(B, q, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, q, D]
-        vs = vs.view(B, q, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        qs = qs.view(B, q, self.num_heads, self.head_dim)  # [B, q, H, D]
+        ks = ks.view(B, q, self.num_kv_heads, self.head_dim)
         if blk.q_norm is not None:
             qs, ks = blk.q_norm(qs), blk.k_norm(ks)
         if rope is not None:
             cos, sin = rope
-            qs, ks = apply_rotary(qs, cos, sin), apply_rotary(ks, cos, sin)
+            qs, ks = rotary_heads_last(qs, cos, sin), rotary_heads_last(ks, cos, sin)
+        qs, ks = qs.transpose(1, 2), ks.transpose(1, 2)  # [B, H, q, D], [B, Hkv, q, D]
+        vs = vs.view(B, q, self.num_kv_heads, self.head_dim).transpose(1, 2)
         K, V = write_kv(cache, i, ks, vs, layout)  # [B, Hkv, kv_len, D]
         a = None
         if layout.is_causal and layout.mask is None:  # unpadded prompt, empty cache: a square
@@ -352,10 +354,13 @@ class _Llama:
         qkv = fuse_weight_only([q, k, v])  # a W8 model: q/k/v in one kernel call
         if qkv is not None:
             q = k = v = None
-        return _Block(norm1=get_module(b, spec.norms[0]), norm2=get_module(b, spec.norms[1]),
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        return _Block(norm1=fast_rms_norm(get_module(b, spec.norms[0])),  # one call each, same values
+                      norm2=fast_rms_norm(get_module(b, spec.norms[1])),
                       q=q, k=k, v=v, qkv=qkv,
                       o=get_module(b, a.o), mlp=_gated_mlp(b, spec),
-                      q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
+                      q_norm=None if qn is None else fast_rms_norm(qn),
+                      k_norm=None if kn is None else fast_rms_norm(kn))
 
     @staticmethod
     def scale(cfg, i: int, head_dim: int) -> float:
@@ -367,7 +372,7 @@ class _Llama:
 
     @staticmethod
     def final(r: CausalRunner, x):
-        return r.final_norm(x)
+        return r.final_norm_fn(x)
 
     @staticmethod
     def check(model, cfg) -> None:

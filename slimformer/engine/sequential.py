@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimformer.engine.activations import ActivationCache
+from slimformer.kernels.elementwise import fast_rms_norm
 from slimformer.models.registry import get_module
 from slimformer.primitives.rotary import apply_rotary
 
@@ -74,17 +75,6 @@ def dense_linear(*mods: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     b = None if all(p[1] is None for p in wb) else torch.cat(
         [p[1] if p[1] is not None else p[0].new_zeros(p[0].shape[0]) for p in wb])
     return lambda x: F.linear(x, w, b)
-
-
-def fast_norm(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A Llama-style RMSNorm (``weight * x / rms(x)``) as PyTorch's fused ``rms_norm`` (one
-    kernel instead of five; the same numbers here) — other norms are called as they are. A
-    norm of another form that only looks like this one fails the staged self-check."""
-    w, eps = getattr(m, "weight", None), getattr(m, "variance_epsilon", None)
-    if (type(m).__name__.endswith("RMSNorm") and isinstance(w, torch.Tensor) and w.dim() == 1
-            and isinstance(eps, float)):
-        return lambda x: F.rms_norm(x, (x.shape[-1],), w, eps)
-    return m
 
 
 @dataclass
@@ -124,7 +114,7 @@ class StagedBlock:
         layout = arch.head_layout(config)
         return cls(block=block, rel={"q": a.q, "k": a.k, "v": a.v, "o": a.o, "gate": m.gate,
                                      "up": m.up, "down": m.down},
-                   norm1=fast_norm(norms[0]), norm2=fast_norm(norms[1]), act=act, heads=layout["num_heads"],
+                   norm1=fast_rms_norm(norms[0]), norm2=fast_rms_norm(norms[1]), act=act, heads=layout["num_heads"],
                    kv_heads=layout["num_kv_heads"], head_dim=layout["head_dim"],
                    scaling=float(attn.scaling))
 
@@ -250,4 +240,4 @@ def run_sequential(staged: StagedBlock, states: ActivationCache, kwargs_of: list
             c.close()
 
 
-__all__ = ["StagedBlock", "dense_linear", "dense_weights", "fast_norm", "run_sequential", "staged_matches", "GROUPS"]
+__all__ = ["StagedBlock", "dense_linear", "dense_weights", "run_sequential", "staged_matches", "GROUPS"]

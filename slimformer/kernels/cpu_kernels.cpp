@@ -2,7 +2,7 @@
 // linear and gated MLP (per-token quantization and rescaling around an int8 product: ours for a
 // few tokens, PyTorch's int8 GEMM for many); attention (causal prefill squares, and
 // bidirectional attention under an additive mask: encoders); EViT's token reduction between
-// encoder blocks (see the sections below).
+// encoder blocks; RMSNorm and rotary embedding for eager decode steps (see the sections below).
 //
 // The few-token kernels compute y[m, n] = sum_k W[n, k] x[m, k] for small M (a handful of tokens), where
 // a decode step is bound by how fast the weight bytes stream from memory: each weight row is
@@ -1437,6 +1437,136 @@ std::vector<torch::Tensor> evit_reduce(torch::Tensor h, torch::Tensor q, torch::
   return {hout, sout, scores, left_sum, left_size};
 }
 
+// ============================================================================================
+// RMSNorm and rotary embedding for the decoding loop's eager steps: the same values as the
+// PyTorch ops of transformers' Llama-family RMSNorm and of slimformer's apply_rotary, bit for
+// bit, in one call each instead of six to eight small ops (~28 us per norm call, 61 per
+// SmolLM2 decode step).
+// ============================================================================================
+
+namespace {
+
+// ATen's CeilLog2 (native/cpu/utils.h).
+inline int64_t aten_ceil_log2(int64_t x) {
+  if (x <= 2) return 1;
+  int64_t b = 0;
+  for (uint64_t v = static_cast<uint64_t>(x - 1); v; v >>= 1) ++b;
+  return b;
+}
+
+// sum_k v[k] * v[k] in the order of ATen's float sum over a contiguous row (cascade_sum's
+// row_sum: the row read as W-float vectors, 4 interleaved accumulators, cascade levels of 16
+// groups; then the scalar tail and the W lanes in sequence). x86 runs that kernel's AVX2 build,
+// W = 8, also on AVX-512 CPUs; a row shorter than one vector goes through the same row_sum on
+// single floats (W = 1). Tested against x.pow(2).mean(-1).
+template <int W>
+inline float aten_order_sum_squares_w(const float* v, int64_t n) {
+  constexpr int ILP = 4, LEVELS = 4;
+  const int64_t nvec = n / W, size_ilp = nvec / ILP;
+  const int64_t level_power = std::max<int64_t>(4, aten_ceil_log2(size_ilp) / LEVELS);
+  const int64_t level_step = int64_t(1) << level_power, level_mask = level_step - 1;
+  float acc[LEVELS][ILP][W] = {};
+  auto add_group = [&](int64_t i) {
+    for (int k = 0; k < ILP; ++k)
+      for (int l = 0; l < W; ++l) {
+        const float x = v[(i * ILP + k) * W + l];
+        acc[0][k][l] += x * x;
+      }
+  };
+  int64_t i = 0;
+  while (i + level_step <= size_ilp) {
+    for (int64_t j = 0; j < level_step; ++j, ++i) add_group(i);
+    for (int j = 1; j < LEVELS; ++j) {
+      for (int k = 0; k < ILP; ++k)
+        for (int l = 0; l < W; ++l) {
+          acc[j][k][l] += acc[j - 1][k][l];
+          acc[j - 1][k][l] = 0.f;
+        }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < size_ilp; ++i) add_group(i);
+  for (int j = 1; j < LEVELS; ++j)
+    for (int k = 0; k < ILP; ++k)
+      for (int l = 0; l < W; ++l) acc[0][k][l] += acc[j][k][l];
+  for (int64_t r = size_ilp * ILP; r < nvec; ++r)  // vectors past the last group of 4
+    for (int l = 0; l < W; ++l) acc[0][0][l] += v[r * W + l] * v[r * W + l];
+  float lanes[W];
+  for (int l = 0; l < W; ++l) lanes[l] = acc[0][0][l];
+  for (int k = 1; k < ILP; ++k)
+    for (int l = 0; l < W; ++l) lanes[l] += acc[0][k][l];
+  float total = 0.f;
+  for (int64_t t = nvec * W; t < n; ++t) total += v[t] * v[t];
+  for (int l = 0; l < W; ++l) total += lanes[l];
+  return total;
+}
+
+inline float aten_order_sum_squares(const float* v, int64_t n) {
+  return n >= 8 ? aten_order_sum_squares_w<8>(v, n) : aten_order_sum_squares_w<1>(v, n);
+}
+
+}  // namespace
+
+// x [..., D] f32, weight [D] f32 -> weight * (x * rsqrt(mean(x^2) + eps)) row by row, x's shape:
+// the steps of transformers' LlamaRMSNorm in its float32 order.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32, "rms_norm: x must be float32");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.scalar_type() == torch::kFloat32 && weight.size(0) == D,
+              "rms_norm: weight must be float32 [", D, "]");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  const int64_t M = D ? x.numel() / D : 0;
+  auto y = torch::empty_like(x, at::MemoryFormat::Contiguous);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, M, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t m = r0; m < r1; ++m) {
+      const float* xr = xp + m * D;
+      float* yr = yp + m * D;
+      const float var = aten_order_sum_squares(xr, D) / static_cast<float>(D);
+      const float r = 1.f / std::sqrt(var + e);
+      for (int64_t k = 0; k < D; ++k) yr[k] = wp[k] * (xr[k] * r);
+    }
+  });
+  return y;
+}
+
+// x [B, S, H, D] f32 (contiguous), cos / sin [B or 1, S, D] -> x * cos + rotate_half(x) * sin
+// with rotate_half([x1, x2]) = [-x2, x1]: apply_rotary's three rounded operations per element.
+torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "rotary: x must be 4-D float32");
+  const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3);
+  TORCH_CHECK(D % 2 == 0, "rotary: head dim must be even");
+  for (const auto* t : {&cos, &sin})
+    TORCH_CHECK(t->dim() == 3 && t->scalar_type() == torch::kFloat32 && (t->size(0) == B || t->size(0) == 1) &&
+                    t->size(1) == S && t->size(2) == D,
+                "rotary: cos / sin must be float32 [", B, " or 1, ", S, ", ", D, "]");
+  x = x.contiguous();
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t h2 = D / 2, cb = cos.size(0) == 1 ? 0 : S * D;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < S; ++s) {
+      const float* c = cp + b * cb + s * D;
+      const float* n = sp + b * cb + s * D;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* xr = xp + ((b * S + s) * H + h) * D;
+        float* yr = yp + ((b * S + s) * H + h) * D;
+        for (int64_t k = 0; k < h2; ++k) yr[k] = xr[k] * c[k] + (-xr[k + h2]) * n[k];
+        for (int64_t k = h2; k < D; ++k) yr[k] = xr[k] * c[k] + xr[k - h2] * n[k];
+      }
+    }
+  return y;
+}
+
 bool has_avx512() { return SF_AVX512 != 0; }
 
 // As dispatcher ops (torch.ops.slimformer.*): what torch.compile'd graphs call. A Python
@@ -1478,5 +1608,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "decode / verify attention of a few queries over a KV cache (GQA)");
   m.def("w8a8_gated_mlp", &w8a8_gated_mlp, "W8A8 gated MLP: down(silu(gate(x)) * up(x)) in one call");
   m.def("evit_reduce", &evit_reduce, "EViT token reduction between encoder blocks (scores, keep, fuse, compact)");
+  m.def("rms_norm", &rms_norm, "Llama-family RMSNorm, ATen's float order");
+  m.def("rotary", &rotary, "rotary embedding of [B, S, H, D] (apply_rotary's values)");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled");
 }
