@@ -357,7 +357,7 @@ def test_runner_norm_and_rotary_kernels_leave_the_logits_unchanged(monkeypatch):
     verify logits must be bit-identical to the loop on transformers' modules and PyTorch ops."""
     import slimformer.decoding.runner as runner_mod
     from slimformer.kernels import cpu_kernels
-    from slimformer.primitives.rotary import rotate_half
+    from slimformer.primitives.rotary import apply_rotary_heads_last
 
     if cpu_kernels() is None:
         pytest.skip("no C++ compiler: the kernels fall back")
@@ -377,8 +377,7 @@ def test_runner_norm_and_rotary_kernels_leave_the_logits_unchanged(monkeypatch):
     torch.manual_seed(0)
     got = run(fast)
     monkeypatch.setattr(runner_mod, "fast_rms_norm", lambda m: m)
-    monkeypatch.setattr(runner_mod, "rotary_heads_last",
-                        lambda x, c, s: x * c[:, :, None] + rotate_half(x) * s[:, :, None])
+    monkeypatch.setattr(runner_mod, "rotary_heads_last", apply_rotary_heads_last)
     plain = CausalRunner(lm)
     assert plain.blocks[0].norm1 is lm.model.model.layers[0].input_layernorm
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimformer.kernels import cpu_kernels
-from slimformer.primitives.rotary import rotate_half
+from slimformer.primitives.rotary import apply_rotary_heads_last
 
 # transformers' RMSNorms whose forward is weight * (x * rsqrt(mean(x^2) + variance_epsilon)) in
 # float32 (Gemma's (1 + weight) form is not among them)
@@ -57,4 +57,4 @@ def rotary_heads_last(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     kern = cpu_kernels()
     if kern is not None and _eager_fp32(x, cos) and sin.dtype is torch.float32 and x.shape[-1] % 2 == 0:
         return kern.rotary(x, cos, sin)
-    return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
+    return apply_rotary_heads_last(x, cos, sin)

@@ -14,3 +14,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, H, q, D]; cos, sin: [B, q, D] (B may be 1 and broadcast)."""
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def apply_rotary_heads_last(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` for ``x`` laid out [B, q, H, D] (before the heads' transpose); the
+    same values."""
+    return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
