@@ -745,6 +745,10 @@ def test_rms_norm_kernel_equals_transformers_rmsnorm_bit_for_bit(shape):
     rows of 576 (SmolLM2), 1536 (cascade levels), odd widths (tails), per-head q/k norms."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+    from slimformer.kernels.elementwise import ATEN_SUM_ORDER_KNOWN
+
+    if not ATEN_SUM_ORDER_KNOWN:
+        pytest.skip("ATen's float sum order is only known for its x86 AVX2 build")
     torch.manual_seed(0)
     norm = LlamaRMSNorm(shape[-1], eps=1e-5)
     with torch.no_grad():

@@ -23,6 +23,9 @@ from slimformer.primitives.rotary import apply_rotary_heads_last
 # float32 (Gemma's (1 + weight) form is not among them)
 RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 KERNEL_MAX_ROWS = 64  # rows up to which a norm runs our kernel (call overhead dominates)
+# the kernel's sum order is that of ATen's AVX2 reduction, which x86 builds run on AVX2 and
+# AVX-512 CPUs; elsewhere the norm stays on PyTorch's op (the same values by definition)
+ATEN_SUM_ORDER_KNOWN = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def _eager_fp32(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -39,7 +42,7 @@ def fast_rms_norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     if (type(module).__name__ not in RMS_NORM_CLASSES or not isinstance(w, torch.Tensor) or w.dim() != 1
             or not isinstance(getattr(module, "variance_epsilon", None), float)):
         return module
-    kern = cpu_kernels()
+    kern = cpu_kernels() if ATEN_SUM_ORDER_KNOWN else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
         w, eps = module.weight, module.variance_epsilon  # per call: the model's, even if replaced
