@@ -768,13 +768,13 @@ def test_rms_norm_kernel_rejects_bad_weights():
 
 
 @needs_kernels
-@pytest.mark.parametrize("batch_cos", [1, 2])
-def test_rotary_kernel_equals_apply_rotary_bit_for_bit(batch_cos):
+@pytest.mark.parametrize("batch_cos,batch_sin", [(1, 1), (2, 2), (1, 2), (2, 1)])
+def test_rotary_kernel_equals_apply_rotary_bit_for_bit(batch_cos, batch_sin):
     from slimformer.primitives.rotary import apply_rotary, apply_rotary_heads_last
 
     torch.manual_seed(1)
     x = torch.randn(2, 5, 3, 16)  # [B, S, H, D]
-    cos, sin = torch.randn(batch_cos, 5, 16), torch.randn(batch_cos, 5, 16)
+    cos, sin = torch.randn(batch_cos, 5, 16), torch.randn(batch_sin, 5, 16)
     ref = apply_rotary(x.transpose(1, 2), cos, sin).transpose(1, 2)
     assert torch.equal(K.rotary(x, cos, sin), ref)
     assert torch.equal(apply_rotary_heads_last(x, cos, sin), ref)  # the fallback

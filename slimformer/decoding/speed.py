@@ -15,18 +15,22 @@ import torch.nn as nn
 from slimformer.eval.size import memory_bytes
 
 
-def measure_bandwidth(mbytes: int = 256, repeats: int = 7) -> float:
-    """Bytes/s of a large tensor copy (each copy reads and writes ``mbytes``): median of repeats."""
-    n = mbytes * 2**20 // 4
-    src = torch.ones(n, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+def _median_rate(fn, nbytes: int, repeats: int) -> float:
+    """Median of ``nbytes`` / seconds over ``repeats`` timed calls of ``fn`` (after one untimed)."""
+    fn()
     rates = []
     for _ in range(repeats):
         t = time.perf_counter()
-        dst.copy_(src)
-        rates.append(2 * src.numel() * 4 / (time.perf_counter() - t))
+        fn()
+        rates.append(nbytes / (time.perf_counter() - t))
     return statistics.median(rates)
+
+
+def measure_bandwidth(mbytes: int = 256, repeats: int = 7) -> float:
+    """Bytes/s of a large tensor copy (each copy reads and writes ``mbytes``): median of repeats."""
+    src = torch.ones(mbytes * 2**20 // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return _median_rate(lambda: dst.copy_(src), 2 * src.numel() * 4, repeats)
 
 
 def measure_read_bandwidth(mbytes: int = 512, cols: int = 576, repeats: int = 7) -> float:
@@ -36,13 +40,7 @@ def measure_read_bandwidth(mbytes: int = 512, cols: int = 576, repeats: int = 7)
     Median of repeats; often above :func:`measure_bandwidth` (a copy also writes)."""
     w = torch.ones(mbytes * 2**20 // (4 * cols), cols)
     x = torch.ones(1, cols)
-    x @ w.t()
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x @ w.t()
-        rates.append(w.numel() * 4 / (time.perf_counter() - t))
-    return statistics.median(rates)
+    return _median_rate(lambda: x @ w.t(), w.numel() * 4, repeats)
 
 
 def weight_bytes_per_token(runner) -> int:

@@ -284,9 +284,7 @@ namespace {
 // one, which held a one-token product to ~7 GB/s (benchmarks/RESULTS.md "W8 self-draft"). The sums
 // of a token are formed in the same order whatever the block size, so a verify step's rows
 // equal one-token steps' bit for bit.
-#ifndef SF_I8_AHEAD
-#define SF_I8_AHEAD 4096
-#endif
+constexpr int64_t kI8Ahead = 4096;  // bytes of codes prefetched ahead (1/2/8 KB measured slower)
 template <int SB, bool SIGNED>
 inline void int8w_row(const uint8_t* w, int64_t n, int64_t K, int64_t groups, int64_t gs,
                       const float* const* xr, const float* const* xs, ScaleView sc, const float* zero,
@@ -304,7 +302,7 @@ inline void int8w_row(const uint8_t* w, int64_t n, int64_t K, int64_t groups, in
       for (int m = 0; m < SB; ++m) a[j][m] = _mm512_setzero_ps();
     int64_t k = k0;
     for (; k + 64 <= k1; k += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + SF_I8_AHEAD), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kI8Ahead), _MM_HINT_T0);
       for (int j = 0; j < 4; ++j) {
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * j));
         const __m512 wv = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(b), off));
@@ -363,10 +361,6 @@ void int8w_block(const uint8_t* qw, int64_t n0, int64_t n1, int64_t K, int64_t g
                                            y, m0 + 4 * kFull, N);
   }
 }
-
-}  // namespace
-
-namespace {
 
 // Codes k .. k + 15 of a row of 4-bit codes (two per byte, even column in the low nibble; k
 // even), the first ``n`` of them, as floats in column order.
@@ -1440,8 +1434,7 @@ std::vector<torch::Tensor> evit_reduce(torch::Tensor h, torch::Tensor q, torch::
 // ============================================================================================
 // RMSNorm and rotary embedding for the decoding loop's eager steps: the same values as the
 // PyTorch ops of transformers' Llama-family RMSNorm and of slimformer's apply_rotary, bit for
-// bit, in one call each instead of six to eight small ops (~28 us per norm call, 61 per
-// SmolLM2 decode step).
+// bit, in one call each instead of five to eight small ops (see slimformer/kernels/elementwise.py).
 // ============================================================================================
 
 namespace {
@@ -1552,11 +1545,12 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t h2 = D / 2, cb = cos.size(0) == 1 ? 0 : S * D;
+  // a batch of 1 is shared by every row (cos and sin each)
+  const int64_t h2 = D / 2, cb = cos.size(0) == 1 ? 0 : S * D, sb = sin.size(0) == 1 ? 0 : S * D;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t s = 0; s < S; ++s) {
       const float* c = cp + b * cb + s * D;
-      const float* n = sp + b * cb + s * D;
+      const float* n = sp + b * sb + s * D;
       for (int64_t h = 0; h < H; ++h) {
         const float* xr = xp + ((b * S + s) * H + h) * D;
         float* yr = yp + ((b * S + s) * H + h) * D;
